@@ -204,3 +204,51 @@ def load_backbone(backbone: nn.Module, path_or_ckpt: str | Mapping, strict: bool
     if verbose:
         print(report.summary())
     return report
+
+
+def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def restart_load(method: nn.Module, ckpt: Mapping, source: str = "<dict>", verbose: bool = True) -> list[LoadReport]:
+    """ssl-small's ``--restart``: load weights only, from any supported layout, into a fresh method.
+
+    * the (student / query) backbone must fit completely, else :class:`CheckpointMismatchError`;
+    * the projection head (``encoder_q.head`` here, ``encoder_q.fc`` in MoCo/ssl-small, ``student.head`` /
+      ``student.fc`` in SEED) is loaded where shapes match, mismatches are dropped and reported;
+    * remaining tensors with the same name and shape (e.g. ``queue``, ``queue_ptr``) are loaded; an official
+      (dim, K) queue is transposed to smallssl's (K, dim);
+    * the query encoder is copied to the key encoder (``method.copy_query_to_key()``) when there is one.
+    """
+    state = _strip_module(state_dict_of(ckpt))
+    reports = []
+    backbone = method.backbone
+    reports.append(load_state_with_report(
+        backbone, state, source=source, strict=True,
+        prefer=("encoder_q.backbone.", "encoder_q.", "student.backbone.", "student.", "backbone.", "")))
+    head = getattr(getattr(method, "encoder_q", None), "head", None)
+    if head is not None:
+        head_prefixes = ("encoder_q.head.", "encoder_q.fc.", "student.head.", "student.fc.")
+        prefix = next((p for p in head_prefixes if any(k.startswith(p) for k in state)), None)
+        if prefix is not None:
+            reports.append(load_state_with_report(head, state, source=source + " [head]", prefix=prefix,
+                                                  strict=False))
+    own = method.state_dict()
+    extra = {}
+    skipped = []
+    for name in ("queue", "queue_ptr"):
+        if name in state and name in own:
+            v = state[name]
+            if v.shape != own[name].shape and v.ndim == 2 and v.T.shape == own[name].shape:
+                v = v.T.contiguous()
+            (extra.__setitem__(name, v) if v.shape == own[name].shape else skipped.append(name))
+    if extra:
+        method.load_state_dict(extra, strict=False)
+    if hasattr(method, "copy_query_to_key"):
+        method.copy_query_to_key()
+    if verbose:
+        for r in reports:
+            print(r.summary())
+        print(f"=> also loaded: {sorted(extra) or 'nothing else'}; skipped (shape): {skipped or 'none'}; "
+              f"key encoder {'copied from query encoder' if hasattr(method, 'copy_query_to_key') else 'n/a'}")
+    return reports

@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Self-supervised pretraining: MoCo v2 / ssl-small improved baseline (and the other ``--method``s).
+
+Compatible with the command lines of facebookresearch/moco and of the small-models paper (seed 004), e.g.::
+
+    python main_moco.py DATA -a mobilenetv3_small --lr 0.06 --batch-size 512 -j 64 --epochs 800 \
+        --dist-url 'env://' --multiprocessing-distributed --world-size 1 --rank 0 \
+        --mlp wide --moco-t 0.1 --moco-k 65536 --aug-plus --cj 1. --grey-scale 0.5 --gaussian-blur 0.5 \
+        --cos --ckpt-dir CKPT --resume converted_seed.pth.tar --restart
+
+Reads top to bottom: get_args_parser -> main (validation, process launch) -> main_worker (build, resume)
+-> train_one_epoch. Runs single-process, as N spawned processes (gloo on CPU / NCCL on GPU), or under
+torchrun / Slurm (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.multiprocessing.spawn import ProcessException
+
+from smallssl import dist as sdist
+from smallssl import preempt
+from smallssl.backbones import BACKBONES, create_backbone
+from smallssl.checkpoint import (CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
+                                 load_checkpoint_file, restart_load, save_checkpoint, state_dict_of)
+from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder, SeededViews, collate_skip_bad,
+                           fixed_subset, pretrain_transform, two_crops)
+from smallssl.heads import HEADS
+from smallssl.logging import RunLogger
+from smallssl.methods import METHODS
+from smallssl.optim import build_optimizer, lr_at, param_groups, set_lr
+
+LAST_CKPT = "checkpoint_last.pth.tar"  # iteration-level checkpoint written on preemption
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("smallssl pretraining", add_help=add_help)
+    p.add_argument("data", metavar="DIR", help="dataset root; images are read from DIR/train/<class>/<img>")
+    p.add_argument("-a", "--arch", default="resnet50",
+                   help=f"backbone: {', '.join(sorted(BACKBONES))} or any timm model name")
+    p.add_argument("--method", default="moco", choices=sorted(METHODS))
+    p.add_argument("-j", "--workers", default=8, type=int, help="data-loading workers per node")
+    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--start-epoch", default=0, type=int, help="ignored when resuming (taken from checkpoint)")
+    p.add_argument("-b", "--batch-size", default=256, type=int,
+                   help="total batch size per node, split across its processes")
+    p.add_argument("--lr", "--learning-rate", default=0.03, type=float, dest="lr")
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="step-decay epochs (without --cos)")
+    p.add_argument("--cos", action="store_true", help="cosine learning-rate schedule")
+    p.add_argument("--warmup-epochs", default=0.0, type=float)
+    p.add_argument("--momentum", default=0.9, type=float)
+    p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adamw"])
+    p.add_argument("-p", "--print-freq", default=10, type=int)
+    p.add_argument("--seed", default=0, type=int)
+    # checkpoints
+    p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoint_NNNN.pth.tar and log.jsonl go")
+    p.add_argument("--resume", default="", help="checkpoint to resume exactly, or 'auto' for the latest in --ckpt-dir")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: load weights only, start at epoch 0 without optimizer state, drop "
+                        "shape-mismatched keys, copy the query encoder to the key encoder (ssl-small)")
+    p.add_argument("--save-freq", default=1, type=int, help="save every N epochs (and at the end)")
+    p.add_argument("--keep-last", default=0, type=int, help="keep only the N newest checkpoints (0 = all)")
+    # distributed
+    p.add_argument("--world-size", default=-1, type=int, help="number of nodes (MoCo semantics)")
+    p.add_argument("--rank", default=-1, type=int, help="node rank (MoCo semantics)")
+    p.add_argument("--dist-url", default="env://", type=str)
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"])
+    p.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="spawn one process per GPU (or --nproc-per-node on CPU) and train with DDP")
+    p.add_argument("--nproc-per-node", default=None, type=int, help="processes per node (default: #GPUs, or 1)")
+    p.add_argument("--gpu", default=None, type=int, help="GPU id for single-process training")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    # data
+    p.add_argument("--image-size", default=224, type=int, help="crop size (32 for CIFAR)")
+    p.add_argument("--small-input", action="store_true", help="CIFAR stem (automatic when --image-size <= 64)")
+    p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (blur, stronger jitter)")
+    p.add_argument("--cj", default=None, type=float, help="colour-jitter strength c: ColorJitter(.8c,.8c,.8c,.4c)")
+    p.add_argument("--grey-scale", default=None, type=float, help="grayscale probability (default 0.2)")
+    p.add_argument("--gaussian-blur", default=None, type=float, help="blur probability (default 0.5 with --aug-plus)")
+    p.add_argument("--min-crop-scale", default=0.2, type=float)
+    p.add_argument("--subset", default=None, type=int, help="train on a fixed random subset of N images")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (replaced by other images of the batch) instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    # MoCo
+    g = p.add_argument_group("moco")
+    g.add_argument("--moco-dim", default=128, type=int)
+    g.add_argument("--moco-k", default=65536, type=int, help="queue size; multiple of the global batch")
+    g.add_argument("--moco-m", default=0.999, type=float)
+    g.add_argument("--moco-t", default=0.07, type=float)
+    g.add_argument("--mlp", nargs="?", const="v2", default="none", choices=HEADS,
+                   help="projection head: bare --mlp = MoCo v2 2-layer MLP; or wide|simple|deep")
+    g.add_argument("--shuffle-bn-splits", default=2, type=int,
+                   help="single-process shuffle-BN emulation: key/query sub-batches (1 = off)")
+    return p
+
+
+def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
+    """The only place where command-line arguments become method keyword arguments."""
+    if args.method == "moco":
+        return METHODS["moco"](backbone, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
+                               mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits)
+    raise ValueError(f"no builder for method {args.method!r}; known: {', '.join(sorted(METHODS))}")
+
+
+# --------------------------------------------------------------------------------------- process layout
+def _env_distributed() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _procs_per_node(args) -> int:
+    if _env_distributed():
+        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0]
+                   or os.environ["WORLD_SIZE"])
+    if args.multiprocessing_distributed:
+        if args.nproc_per_node:
+            return args.nproc_per_node
+        return torch.cuda.device_count() if _use_cuda(args) else 1
+    return 1
+
+
+def _use_cuda(args) -> bool:
+    if args.device == "cpu":
+        return False
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return torch.cuda.is_available()
+
+
+def global_batch_size(args) -> int:
+    per_proc = args.batch_size // _procs_per_node(args)
+    if _env_distributed():
+        return per_proc * int(os.environ["WORLD_SIZE"])
+    return per_proc * _procs_per_node(args) * max(args.world_size, 1)
+
+
+def validate_args(args) -> None:
+    """Fail before any process starts, naming what is wrong and what to do."""
+    train_dir = os.path.join(args.data, "train")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"training images not found: {train_dir!r} does not exist. Pass the dataset root "
+                                "that contains train/<class>/<image> (e.g. an unpacked ../shared/data tarball).")
+    create_backbone_check(args.arch)
+    nproc = _procs_per_node(args)
+    if args.batch_size < nproc or args.batch_size % nproc:
+        raise ValueError(f"--batch-size {args.batch_size} (per node) must be a positive multiple of the "
+                         f"{nproc} processes per node")
+    if args.method == "moco" and args.moco_k % global_batch_size(args):
+        gb = global_batch_size(args)
+        raise ValueError(f"--moco-k {args.moco_k} is not a multiple of the global batch size {gb}; the queue "
+                         f"would wrap mid-batch. Use e.g. --moco-k {max(gb, args.moco_k // gb * gb)}.")
+    if args.restart and not args.resume:
+        raise ValueError("--restart needs --resume CHECKPOINT (the weights to restart from)")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint file")
+    if args.amp == "fp16" and not _use_cuda(args):
+        raise ValueError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
+
+
+def create_backbone_check(arch: str) -> None:
+    if arch in BACKBONES:
+        return
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is None or arch not in timm.list_models():
+        raise ValueError(f"unknown architecture {arch!r}. Registered: {', '.join(sorted(BACKBONES))}; "
+                         "any timm model name also works (see timm.list_models()).")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Validate, then run in this process or spawn one per device. Returns rank 0's final status."""
+    validate_args(args)
+    if args.multiprocessing_distributed and not _env_distributed():
+        nproc = _procs_per_node(args)
+        world = nproc * max(args.world_size, 1)
+        if args.dist_url == "env://":
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(sdist.free_port()))
+        ctx = mp.get_context("spawn")
+        result_q = ctx.SimpleQueue()
+        mp.start_processes(_spawned_worker, nprocs=nproc, args=(nproc, world, args, result_q), start_method="spawn")
+        return result_q.get() if not result_q.empty() else {}
+    if _env_distributed():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank % _procs_per_node(args)))
+        return main_worker(local, rank, world, args)
+    return main_worker(0, 0, 1, args)
+
+
+def _spawned_worker(local_rank: int, nproc: int, world: int, args, result_q) -> None:
+    rank = max(args.rank, 0) * nproc + local_rank
+    try:
+        out = main_worker(local_rank, rank, world, args)
+    except (ValueError, FileNotFoundError, CheckpointError, CorruptImageError, NonFiniteLossError) as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        sys.exit(2)
+    if rank == 0:
+        result_q.put(out)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def main_worker(local_rank: int, rank: int, world: int, args: argparse.Namespace) -> dict:
+    cuda = _use_cuda(args)
+    device = torch.device(f"cuda:{args.gpu if args.gpu is not None and world == 1 else local_rank}") if cuda \
+        else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        backend = args.dist_backend if args.dist_backend != "auto" else ("nccl" if cuda else "gloo")
+        sdist.init_process_group(backend, rank, world, args.dist_url)
+    try:
+        return _train(args, device, rank, world)
+    finally:
+        if world > 1 and sdist.is_dist():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, device: torch.device, rank: int, world: int) -> dict:
+    is_main = rank == 0
+    nproc = _procs_per_node(args) if world > 1 else 1
+    batch = args.batch_size // nproc
+    workers = (args.workers + nproc - 1) // nproc
+    torch.manual_seed(args.seed)  # same on every rank: identical init and queue
+    random.seed(args.seed)
+
+    small_input = args.small_input or args.image_size <= 64
+    backbone = create_backbone(args.arch, small_input=small_input)
+    method = build_method(args, backbone)
+    if hasattr(method, "check_batch"):
+        method.check_batch(batch * world)
+    method.to(device)
+    if args.channels_last:
+        method.to(memory_format=torch.channels_last)
+
+    optimizer = build_optimizer(args.optimizer, param_groups(method, args.weight_decay,
+                                                             exclude_bias_and_norm=args.optimizer == "lars"),
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+
+    start_epoch, start_iter, step = args.start_epoch, 0, 0
+    resume_path = _resolve_resume(args)
+    if resume_path:
+        ckpt = load_checkpoint_file(resume_path)
+        if args.restart:
+            if is_main:
+                print(f"=> restarting from {resume_path!r} (weights only, epoch 0)")
+            restart_load(method, ckpt, source=resume_path, verbose=is_main)
+        else:
+            start_epoch, start_iter, step = _resume_exact(method, optimizer, scaler, ckpt, resume_path, args)
+            if is_main:
+                print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
+
+    model = method
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=False)
+
+    transform = two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
+                                             grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
+                                             min_scale=args.min_crop_scale))
+    dataset = SafeImageFolder(os.path.join(args.data, "train"), transform, skip_bad=args.skip_bad_images)
+    subset = fixed_subset(len(dataset), args.subset, seed=args.seed)
+    if subset is not None:
+        dataset = torch.utils.data.Subset(dataset, subset)
+    dataset = SeededViews(dataset, seed=args.seed)
+    sampler = ResumableSampler(len(dataset), batch, rank, world, seed=args.seed)
+    logger = RunLogger(args.ckpt_dir, vars(args), enabled=is_main)
+    if is_main:
+        print(f"=> {args.method} / {args.arch}: {len(dataset)} images, {sampler.num_batches} steps/epoch, "
+              f"batch {batch} x {world} process(es), device {device}, git {logger.sha}")
+
+    status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
+                                             drop_last=True)
+        stats, step, stopped_at = train_one_epoch(model, method, loader, optimizer, scaler, epoch, start_iter,
+                                                  step, sampler.num_batches, device, args, is_main)
+        start_iter = 0
+        if stopped_at is not None:  # preempted: iteration-level checkpoint, then return
+            path = os.path.join(args.ckpt_dir, LAST_CKPT)
+            if is_main:
+                atomic_save(_state(method, optimizer, scaler, epoch, stopped_at, step, args), path)
+                print(f"=> stop requested: saved {path} at epoch {epoch}, iteration {stopped_at}")
+            sdist.barrier()
+            return {"status": "preempted", "epoch": epoch, "iter": stopped_at, "checkpoint": path}
+        stats.update(epoch=epoch, step=step)
+        logger.log(stats)
+        if is_main:
+            print(f"=> epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in stats.items()))
+            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                status["checkpoint"] = save_checkpoint(_state(method, optimizer, scaler, epoch + 1, 0, step, args),
+                                                       args.ckpt_dir, epoch + 1, args.keep_last)
+                stale = os.path.join(args.ckpt_dir, LAST_CKPT)
+                if os.path.exists(stale):
+                    os.remove(stale)
+        status.update(epoch=epoch + 1, **{k: v for k, v in stats.items() if k in ("loss", "acc1")})
+        sdist.barrier()
+    return status
+
+
+def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_iter: int, step: int,
+                    steps_per_epoch: int, device: torch.device, args, is_main: bool):
+    """One epoch from iteration ``start_iter``. Returns (stats, global step, stopped_at or None)."""
+    from tqdm import tqdm
+
+    model.train()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    sums = {"loss": 0.0, "acc1": 0.0}
+    n_steps, n_images, n_skipped, t0 = 0, 0, 0, time.time()
+    lr = args.lr
+    bar = tqdm(total=steps_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not is_main
+               or args.no_progress, dynamic_ncols=True, leave=False)
+    for i, (views, _, n_bad) in enumerate(loader, start=start_iter):
+        n_skipped += n_bad
+        lr = lr_at(epoch + i / steps_per_epoch, args.lr, args.epochs, cos=args.cos, schedule=args.schedule,
+                   warmup_epochs=args.warmup_epochs)
+        set_lr(optimizer, lr)
+        mf = torch.channels_last if args.channels_last else torch.contiguous_format
+        views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in views]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(views)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(args.ckpt_dir) if args.ckpt_dir else None
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch}, iteration {i} (global step {step}); stopping before "
+                f"the update. Last good checkpoint: {last or 'none yet'}. Lower --lr, try --amp none, or check "
+                "the data; resume with --resume.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if hasattr(method, "after_step"):
+            method.after_step(step=step, total_steps=args.epochs * steps_per_epoch)
+        step += 1
+        n_steps += 1
+        n_images += views[0].shape[0] * sdist.get_world_size()
+        for k in sums:
+            if k in out:
+                sums[k] += float(out[k].detach())
+        if is_main and i % args.print_freq == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}", acc1=f"{float(out.get('acc1', 0)):.1f}", lr=f"{lr:.3g}")
+        bar.update(1)
+        if sdist.any_rank(preempt.stop_requested(), device) and i + 1 < steps_per_epoch:
+            bar.close()
+            return {}, step, i + 1
+    bar.close()
+    elapsed = time.time() - t0
+    stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    stats.update(lr=lr, img_per_s=n_images / max(elapsed, 1e-9), time_s=elapsed, skipped_images=n_skipped)
+    return stats, step, None
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _state(method, optimizer, scaler, epoch: int, it: int, step: int, args) -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"epoch": epoch, "iter": it, "step": step, "arch": args.arch, "method": args.method,
+            "state_dict": {"module." + k: v for k, v in method.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "rng": rng, "args": vars(args)}
+
+
+def _resolve_resume(args) -> str | None:
+    if args.resume != "auto":
+        return args.resume or None
+    candidates = [p for p in (latest_checkpoint(args.ckpt_dir), os.path.join(args.ckpt_dir, LAST_CKPT))
+                  if p and os.path.isfile(p)]
+    if not candidates:
+        print(f"=> --resume auto: no checkpoint in {args.ckpt_dir!r}, starting from scratch")
+        return None
+    return max(candidates, key=lambda p: load_checkpoint_file(p).get("step", 0))
+
+
+def _resume_exact(method, optimizer, scaler, ckpt: dict, path: str, args) -> tuple[int, int, int]:
+    if ckpt.get("arch") not in (None, args.arch) or ckpt.get("method", args.method) != args.method:
+        raise CheckpointMismatchError(
+            f"--resume {path!r} was trained with -a {ckpt.get('arch')} --method {ckpt.get('method', 'moco')}, "
+            f"not -a {args.arch} --method {args.method}; pass the matching flags, or --restart to load what fits.")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict_of(ckpt).items()}
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"--resume {path!r} does not fit this model ({e}). Use --restart to load "
+                                      "the matching weights only.") from e
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng")
+    if rng:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("iter", 0)), int(ckpt.get("step", 0))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        result = main(args)
+    except (ValueError, FileNotFoundError, CheckpointError, CorruptImageError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ProcessException as e:  # a spawned rank failed; it printed its own error
+        print(f"error: a training process failed ({e})", file=sys.stderr)
+        return 2
+    if result.get("loss") is not None and not math.isfinite(result["loss"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

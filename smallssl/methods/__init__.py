@@ -1,0 +1,12 @@
+"""Method registry: ``METHODS[name]`` is a class ``cls(backbone, **kwargs)`` whose ``forward(views)``
+returns ``{"loss": scalar, **logs}``. Contract tests iterate over this dict."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .moco import MoCo
+
+METHODS: dict[str, type[nn.Module]] = {
+    "moco": MoCo,
+}

@@ -1,0 +1,135 @@
+"""MoCo v1/v2 (He et al., CVPR 2020, arXiv:1911.05722; Chen et al., arXiv:2003.04297) and the ssl-small
+"improved baseline" for small students (Shi et al., arXiv:2107.14762: wide head, T=0.1, stronger aug).
+
+Per step, for two views ``x_q, x_k`` of a batch of B images:
+
+1. momentum update of the key encoder (before its forward): ``theta_k <- m theta_k + (1 - m) theta_q``;
+2. ``q = normalize(f_q(x_q))`` (B, dim); ``k = normalize(f_k(x_k))`` (B, dim) with shuffle-BN;
+3. loss = InfoNCE over logits ``[q.k, q queue^T] / T`` with the positive at index 0 (``kernels.info_nce``);
+4. the all-gathered keys of every rank replace the oldest ``world * B`` entries of the queue.
+
+Shuffle-BN: under DDP the keys are computed on a batch shuffled across ranks (as in the official code); in
+one process it is emulated by running the key encoder on ``shuffle_bn_splits`` random sub-batches and the
+query encoder on the same number of sub-batches in order (SplitBatchNorm), so BN statistics of a query and
+its key never come from the same set of images.
+
+The queue is stored as (K, dim) (rows are keys, the layout the fused kernel reads); checkpoints of the
+official (dim, K) layout are transposed on load.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import dist as sdist
+from ..heads import Encoder, build_head
+from ..losses import info_nce, info_nce_top1
+
+
+class MoCo(nn.Module):
+    """MoCo with a queue of negatives and a momentum key encoder.
+
+    Args:
+        backbone: pooled-feature backbone with ``.num_features``.
+        dim: embedding size (``--moco-dim``, 128).
+        K: queue length (``--moco-k``, 65536); must be a multiple of the global batch.
+        m: key-encoder momentum (``--moco-m``, 0.999).
+        T: softmax temperature (``--moco-t``, 0.07; 0.2 for MoCo v2, 0.1 for the improved baseline).
+        mlp: head kind, see :mod:`smallssl.heads` (``none`` = MoCo v1, ``v2`` = MoCo v2, ``wide`` = ssl-small).
+        shuffle_bn_splits: sub-batches that emulate shuffle-BN in a single process (1 = off).
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
+                 mlp: str = "none", shuffle_bn_splits: int = 2):
+        super().__init__()
+        if K <= 0 or dim <= 0:
+            raise ValueError(f"queue size K and dim must be positive, got K={K}, dim={dim}")
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"momentum m must be in [0, 1), got {m}")
+        if T <= 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        if shuffle_bn_splits < 1:
+            raise ValueError(f"shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
+        self.K, self.m, self.T, self.shuffle_bn_splits = K, m, T, shuffle_bn_splits
+        self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    def check_batch(self, global_batch: int) -> None:
+        if self.K % global_batch != 0:
+            raise ValueError(f"--moco-k {self.K} is not a multiple of the global batch size {global_batch}; "
+                             f"the queue would wrap mid-batch. Use e.g. --moco-k "
+                             f"{max(global_batch, self.K // global_batch * global_batch)}.")
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def copy_query_to_key(self) -> None:
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write ``keys`` (N, dim) at the queue pointer and advance it (mod K)."""
+        n = keys.shape[0]
+        if self.K % n != 0:
+            raise ValueError(f"queue size {self.K} is not a multiple of the gathered batch {n}")
+        ptr = int(self.queue_ptr)
+        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    def _split_forward(self, enc: nn.Module, x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        """Forward ``x`` in ``shuffle_bn_splits`` sub-batches (after permuting by ``order``), undo the order."""
+        if order is not None:
+            x = x[order]
+        outs = [enc(c) for c in x.chunk(self.shuffle_bn_splits)] if self.shuffle_bn_splits > 1 else [enc(x)]
+        out = torch.cat(outs)
+        if order is not None:
+            out = out[torch.argsort(order)]
+        return out
+
+    @torch.no_grad()
+    def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        if sdist.get_world_size() > 1:
+            # Shuffle the global batch across ranks (broadcast permutation from rank 0), forward, unshuffle.
+            b = x_k.shape[0]
+            world, rank = sdist.get_world_size(), sdist.get_rank()
+            x_all = sdist.all_gather_cat(x_k)
+            perm = sdist.broadcast(torch.randperm(x_all.shape[0], device=x_k.device), 0)
+            k = self.encoder_k(x_all[perm[rank * b:(rank + 1) * b]])
+            k_all = sdist.all_gather_cat(F.normalize(k, dim=1))
+            k_all = k_all[torch.argsort(perm)]
+            assert k_all.shape[0] == b * world
+            return k_all[rank * b:(rank + 1) * b]
+        order = torch.randperm(x_k.shape[0], device=x_k.device) if self.shuffle_bn_splits > 1 else None
+        return F.normalize(self._split_forward(self.encoder_k, x_k, order), dim=1)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """views: [x_q, x_k], each (B, 3, H, W). Returns loss, pretext top-1 (%) and the keys' std."""
+        x_q, x_k = views[0], views[1]
+        splits = self.shuffle_bn_splits if sdist.get_world_size() == 1 else 1
+        q = self.encoder_q(x_q) if splits == 1 else torch.cat([self.encoder_q(c) for c in x_q.chunk(splits)])
+        q = F.normalize(q.float(), dim=1)
+        with torch.no_grad():
+            self.momentum_update()
+            k = self._keys(x_k).float()
+        queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
+        loss = info_nce(q, k, queue, self.T)
+        acc1 = info_nce_top1(q.detach(), k, queue)
+        self.enqueue(sdist.all_gather_cat(k))
+        return {"loss": loss, "acc1": acc1}
