@@ -119,6 +119,13 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
     raise ValueError(f"no builder for method {args.method!r}; known: {', '.join(sorted(METHODS))}")
 
 
+def build_transform(args: argparse.Namespace):
+    """The views each method trains on (a callable image -> list of tensors)."""
+    return two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
+                                        grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
+                                        min_scale=args.min_crop_scale))
+
+
 # --------------------------------------------------------------------------------------- process layout
 def _env_distributed() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -273,9 +280,7 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
                                                     else None, broadcast_buffers=False)
 
-    transform = two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
-                                             grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
-                                             min_scale=args.min_crop_scale))
+    transform = build_transform(args)
     dataset = SafeImageFolder(os.path.join(args.data, "train"), transform, skip_bad=args.skip_bad_images)
     subset = fixed_subset(len(dataset), args.subset, seed=args.seed)
     if subset is not None:
