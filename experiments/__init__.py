@@ -1,0 +1,1 @@
+"""Experiment scripts: static augmented sets (sample-augs), t-SNE, launchers and sweeps."""
