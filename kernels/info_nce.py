@@ -1,0 +1,270 @@
+"""Fused InfoNCE with a negative queue (MoCo), without materialising the ``B x (1+K)`` logits.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020: for queries
+``q`` (B, D), positive keys ``k`` (B, D) and a queue of negatives (K, D) the logits of row i are
+``[q_i . k_i, q_i . queue^T] / T`` and the loss is cross-entropy with the positive at index 0.
+
+Why one pass suffices: with ``p`` the softmax over ``[k_i, queue]`` and ``O_i = sum_j p_ij queue_j``,
+``loss_i = LSE_i - q_i . k_i / T``, ``dL/dq_i = (O_i - (1 - p_pos_i) k_i) / T`` and
+``dL/dk_i = (p_pos_i - 1) q_i / T``. The forward therefore keeps, per query, a running max, sum and
+weighted sum of queue rows (flash-attention style, keys = values = queue) and the backward is an
+``O(B * D)`` epilogue: nothing is recomputed and no logits are stored.
+
+Layout of this file: reference -> chunked PyTorch path (same algorithm, CPU friendly) -> Triton kernels
+(split over the queue so that B=256 fills a GPU, then a merge) -> launcher -> autograd.Function -> public.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, num_sms, triton, triton_enabled
+
+if HAS_TRITON:
+    import triton.language as tl
+
+Stats = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> None:
+    if q.dim() != 2 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"queue must be (K, D) with D={q.shape[1]}; got {tuple(queue.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                       return_logits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Eager MoCo loss, as in facebookresearch/moco ``builder.py`` (materialises the logits).
+
+    Args:
+        q: (B, D) queries, k: (B, D) positive keys, queue: (K, D) negatives (expected L2-normalised).
+        temperature: softmax temperature T (MoCo v1 0.07, v2 0.2).
+        return_logits: also return the fp32 logits (B, 1+K) (positive in column 0).
+    Returns:
+        scalar mean cross-entropy (fp32); with ``return_logits`` a tuple (loss, logits).
+    The similarities run in the input dtype (as eager MoCo under autocast), the cross-entropy in fp32.
+    """
+    _check(q, k, queue, temperature)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: Bx1
+    l_neg = torch.einsum("nc,kc->nk", q, queue.to(q.dtype))  # negative logits: BxK
+    logits = torch.cat([l_pos, l_neg], dim=1)  # Bx(1+K)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    return (loss, logits) if return_logits else loss
+
+
+def _stats_chunked(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                   need_grad: bool, chunk: int = 8192) -> Stats:
+    """PyTorch version of the kernel's algorithm: per-row loss, top-1 hit, and the unscaled gradients.
+
+    Walks the queue in chunks of ``chunk`` rows with an online log-sum-exp, so memory is
+    O(B * chunk) instead of O(B * K). Returns (loss_rows (B,), correct (B,) bool, gq (B, D), gk (B, D));
+    the gradients are d(sum of loss_rows)/dq and /dk in fp32, or None without ``need_grad``.
+    """
+    dt = torch.promote_types(q.dtype, queue.dtype)
+    acc_dt = torch.promote_types(dt, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    qc = q.to(dt)
+    qf, kf = q.to(acc_dt), k.to(acc_dt)
+    inv_t = 1.0 / temperature
+    pos = (qf * kf).sum(1) * inv_t  # (B,)
+    m, l = pos.clone(), torch.ones_like(pos)  # the positive seeds the running max and sum
+    neg_max = torch.full_like(pos, float("-inf"))
+    acc = torch.zeros_like(qf) if need_grad else None
+    for start in range(0, queue.shape[0], chunk):
+        v = queue[start:start + chunk].to(dt)
+        s = (qc @ v.t()).to(acc_dt) * inv_t  # B x chunk
+        cmax = s.amax(1)
+        neg_max = torch.maximum(neg_max, cmax)
+        m_new = torch.maximum(m, cmax)
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(s - m_new[:, None])
+        l = l * alpha + p.sum(1)
+        if need_grad:
+            acc = acc * alpha[:, None] + p @ v.to(acc_dt)
+        m = m_new
+    lse = m + torch.log(l)
+    loss_rows = lse - pos
+    gq = gk = None
+    if need_grad:
+        p_pos = torch.exp(pos - lse)
+        gq = (acc / l[:, None] - (1.0 - p_pos)[:, None] * kf) * inv_t
+        gk = (p_pos - 1.0)[:, None] * qf * inv_t
+    return loss_rows, pos >= neg_max, gq, gk
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _info_nce_split_kernel(q_ptr, queue_ptr, m_ptr, l_ptr, o_ptr, B, K, D, blocks_per_split,
+                               stride_qb, stride_kk, stride_kd, scale,
+                               WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program: BLOCK_B queries x one contiguous slice of the queue. Writes the slice's running
+        # max / sum (base 2) and, for the gradient, the exp-weighted sum of queue rows.
+        pid_b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_b = offs_b < B
+        mask_d = offs_d < D
+        q = tl.load(q_ptr + offs_b[:, None] * stride_qb + offs_d[None, :],
+                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        k_lo = pid_s * blocks_per_split * BLOCK_K
+        k_hi = tl.minimum(k_lo + blocks_per_split * BLOCK_K, K)
+        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_B], tl.float32)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+        for start in range(k_lo, k_hi, BLOCK_K):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            v = tl.load(queue_ptr + offs_k[:, None] * stride_kk + offs_d[None, :] * stride_kd,
+                        mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(v), input_precision=PRECISION) * scale  # logits * log2(e), fp32
+            s = tl.where(mask_k[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if WITH_GRAD:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        row = pid_s * B + offs_b
+        tl.store(m_ptr + row, m, mask=mask_b)
+        tl.store(l_ptr + row, l, mask=mask_b)
+        if WITH_GRAD:
+            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_b[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _info_nce_merge_kernel(q_ptr, k_ptr, m_ptr, l_ptr, o_ptr, loss_ptr, hit_ptr, gq_ptr, gk_ptr,
+                               B, D, n_splits, stride_qb, stride_kb, scale, inv_t,
+                               WITH_GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Merge the per-slice partials with the positive logit; emit loss, top-1 hit and gradients.
+        pid = tl.program_id(0)
+        offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_b = offs_b < B
+        mask_bd = mask_b[:, None] & (offs_d < D)[None, :]
+        qf = tl.load(q_ptr + offs_b[:, None] * stride_qb + offs_d[None, :], mask=mask_bd, other=0.0).to(tl.float32)
+        kf = tl.load(k_ptr + offs_b[:, None] * stride_kb + offs_d[None, :], mask=mask_bd, other=0.0).to(tl.float32)
+        pos = tl.sum(qf * kf, 1) * scale
+        m = pos
+        l = tl.full([BLOCK_B], 1.0, tl.float32)
+        neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+        for s in range(0, n_splits):
+            row = s * B + offs_b
+            ms = tl.load(m_ptr + row, mask=mask_b, other=float("-inf"))
+            ls = tl.load(l_ptr + row, mask=mask_b, other=0.0)
+            neg = tl.maximum(neg, ms)
+            m_new = tl.maximum(m, ms)
+            a = tl.exp2(m - m_new)
+            b = tl.exp2(ms - m_new)
+            l = l * a + ls * b
+            if WITH_GRAD:
+                o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_bd, other=0.0)
+                acc = acc * a[:, None] + o * b[:, None]
+            m = m_new
+        lse2 = m + tl.log2(l)
+        tl.store(loss_ptr + offs_b, (lse2 - pos) * 0.6931471805599453, mask=mask_b)
+        tl.store(hit_ptr + offs_b, (pos >= neg).to(tl.int8), mask=mask_b)
+        if WITH_GRAD:
+            p_pos = tl.exp2(pos - lse2)
+            gq = (acc / l[:, None] - (1.0 - p_pos)[:, None] * kf) * inv_t
+            gk = (p_pos - 1.0)[:, None] * qf * inv_t
+            tl.store(gq_ptr + offs_b[:, None] * D + offs_d[None, :], gq, mask=mask_bd)
+            tl.store(gk_ptr + offs_b[:, None] * D + offs_d[None, :], gk, mask=mask_bd)
+
+
+def _stats_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, need_grad: bool,
+                  splits: Optional[int] = None, block_b: int = 64, block_k: int = 64) -> Stats:
+    """Launch the split + merge kernels; same outputs as :func:`_stats_chunked`.
+
+    ``splits`` (number of queue slices) defaults to enough programs for two waves over the GPU's SMs,
+    capped so the fp32 partials stay under 8 MB.
+    """
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), queue.dtype)
+    q, k = q.to(dt).contiguous(), k.to(dt).contiguous()
+    B, D = q.shape
+    K = queue.shape[0]
+    block_d = next_pow2(D)
+    n_rb = triton.cdiv(B, block_b)
+    k_blocks = max(1, triton.cdiv(K, block_k))
+    if splits is None:
+        splits = triton.cdiv(2 * num_sms(q.device), n_rb)
+        splits = min(splits, max(1, (8 << 20) // max(1, B * D * 4)))
+    splits = max(1, min(splits, k_blocks))
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)  # no empty slices
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m_part = torch.empty(splits, B, **f32)
+    l_part = torch.empty(splits, B, **f32)
+    o_part = torch.empty(splits, B, D, **f32) if need_grad else m_part
+    scale = LOG2E / temperature
+    _info_nce_split_kernel[(n_rb, splits)](
+        q, queue, m_part, l_part, o_part, B, K, D, per_split, q.stride(0), queue.stride(0), queue.stride(1),
+        scale, WITH_GRAD=need_grad, PRECISION=dot_precision(dt), BLOCK_B=block_b, BLOCK_K=block_k,
+        BLOCK_D=block_d, num_warps=4, num_stages=3)
+    loss_rows = torch.empty(B, **f32)
+    hit = torch.empty(B, device=q.device, dtype=torch.int8)
+    gq = torch.empty(B, D, **f32) if need_grad else None
+    gk = torch.empty(B, D, **f32) if need_grad else None
+    mb = 32
+    _info_nce_merge_kernel[(triton.cdiv(B, mb),)](
+        q, k, m_part, l_part, o_part, loss_rows, hit, gq if need_grad else loss_rows,
+        gk if need_grad else loss_rows, B, D, splits, q.stride(0), k.stride(0), scale, 1.0 / temperature,
+        WITH_GRAD=need_grad, BLOCK_B=mb, BLOCK_D=block_d, num_warps=4)
+    return loss_rows, hit.bool(), gq, gk
+
+
+class _InfoNCEFn(torch.autograd.Function):
+    """Loss and top-1 accuracy from a stats function; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, queue, temperature, stats_fn: Callable[..., Stats]):
+        need_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss_rows, hit, gq, gk = stats_fn(q, k, queue, temperature, need_grad)
+        ctx.save_for_backward(gq, gk)
+        ctx.meta = (q.shape[0], q.dtype, k.dtype)
+        acc1 = hit.float().mean() * 100.0
+        ctx.mark_non_differentiable(acc1)
+        return loss_rows.mean(), acc1
+
+    @staticmethod
+    def backward(ctx, g_loss, g_acc):
+        gq, gk = ctx.saved_tensors
+        n, q_dtype, k_dtype = ctx.meta
+        scale = g_loss / n
+        dq = (gq * scale).to(q_dtype) if ctx.needs_input_grad[0] else None
+        dk = (gk * scale).to(k_dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None, None
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *,
+             return_accuracy: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """MoCo's InfoNCE loss with a queue of negatives, fused (He et al., CVPR 2020).
+
+    Args:
+        q: (B, D) queries; k: (B, D) positive keys; queue: (K, D) negatives, no gradient. Inputs are
+            expected L2-normalised, but any scale is numerically safe (running max in fp32).
+        temperature: T > 0.
+        return_accuracy: also return the pretext top-1 accuracy in percent (MoCo's ``acc1``: the
+            positive logit is the largest), computed in the same pass at no extra cost.
+    Returns:
+        scalar fp32 loss (mean over B), or (loss, acc1) with ``return_accuracy``.
+    Runs the Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > 512) and a chunked
+    PyTorch path with the same algorithm otherwise; both keep O(B * D) memory for the backward.
+    """
+    _check(q, k, queue, temperature)
+    if triton_enabled(q, k, queue) and q.shape[1] <= 512:
+        stats_fn = _stats_triton
+    else:
+        stats_fn = _stats_chunked
+    loss, acc1 = _InfoNCEFn.apply(q, k, queue, float(temperature), stats_fn)
+    return (loss, acc1) if return_accuracy else loss
