@@ -20,7 +20,7 @@ import argparse
 import hashlib
 import json
 import os
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from typing import Callable
 
 import torch
@@ -90,7 +90,9 @@ def sample_augs(src: str, dst: str, aug: str = "moco", images_per_class: int | N
         os.makedirs(os.path.join(dst, cls), exist_ok=True)
     jobs = [(c, p, dst, aug, size or 0, seed, quality) for c, p in tasks]
     if workers > 1:
-        with get_context("spawn").Pool(workers) as pool:
+        # fork is fast and safe here (workers only run PIL + torchvision CPU ops); spawn elsewhere.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with get_context(method).Pool(workers) as pool:
             records = pool.map(_process, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
     else:
         records = [_process(j) for j in jobs]

@@ -1,0 +1,110 @@
+"""Transfer learning: linear probe or fine-tuning on CIFAR-10, CIFAR-100, Caltech-101 or any ImageFolder.
+
+``python main_transfer.py DATA -a ARCH --pretrained CKPT --dataset cifar10|cifar100|caltech101|folder
+[--finetune]`` (Shi et al. 2021, arXiv:2107.14762, sec. 5: ssl-small's command line; its distributed flags
+are accepted and ignored). Protocol: the backbone's features are L2-normalised and fed to one linear layer.
+Linear (default): backbone frozen, BN in eval mode. ``--finetune``: the backbone is trained too, in train
+mode (``model.train()``; ssl-small's fine-tuning never switched it on). Reports top-1 and mean per-class
+accuracy (Caltech-101 is imbalanced: airplanes and motorbikes are ~28% of it).
+
+DATA: an ImageFolder root with ``train/`` and ``val/``; for cifar10 / cifar100 also torchvision's layout
+(``cifar-10-batches-py`` / ``cifar-100-python`` inside DATA); an empty or missing DATA with a named dataset
+unpacks ``../shared/data/<dataset>.tar.gz`` into the cache (:func:`smallssl.datasets_cache.prepare_dataset`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torchvision.transforms as T
+from torch.utils.data import DataLoader
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+
+from eval.features import MEAN, STD, common_parser, eval_transform, model_from_args, split_features
+from eval.linear import Classifier, add_optim_args, linear_probe_features, train_classifier
+from smallssl.datasets_cache import prepare_dataset
+
+DATASETS = ("cifar10", "cifar100", "caltech101", "folder")
+
+
+def resolve_root(data: str, dataset: str) -> str:
+    """The directory holding the data of ``dataset`` (unpacked from the shared tarballs when needed)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if data and os.path.isdir(data):
+        return data
+    if dataset == "folder":
+        raise ValueError(f"--dataset folder needs an ImageFolder root with train/ and val/, got {data!r}")
+    return prepare_dataset(dataset)
+
+
+def build_datasets(root: str, dataset: str, train_tf, val_tf):
+    """(train, val, num_classes) from torchvision's CIFAR layout or an ImageFolder tree."""
+    tv = {"cifar10": (CIFAR10, "cifar-10-batches-py"), "cifar100": (CIFAR100, "cifar-100-python")}.get(dataset)
+    if tv and os.path.isdir(os.path.join(root, tv[1])):
+        cls, _ = tv
+        train, val = cls(root, train=True, transform=train_tf), cls(root, train=False, transform=val_tf)
+        return train, val, len(train.classes)
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise ValueError(f"{root!r} has no {split}/ (expected an ImageFolder tree"
+                             + (f" or torchvision's {tv[1]}/" if tv else "") + ")")
+    train = ImageFolder(os.path.join(root, "train"), train_tf)
+    val = ImageFolder(os.path.join(root, "val"), val_tf)
+    if train.classes != val.classes:
+        raise ValueError("train/ and val/ have different class folders")
+    return train, val, len(train.classes)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("main_transfer.py", parents=[common_parser()], add_help=add_help,
+                                description="linear probe / fine-tuning transfer with L2-normalised features")
+    p.add_argument("--dataset", default="folder", choices=DATASETS)
+    p.add_argument("--finetune", action="store_true", help="train the backbone too (in train mode)")
+    add_optim_args(p, lr=None, epochs=100, schedule=[60, 80], wd=0.0)
+    p.add_argument("--precompute", action="store_true",
+                   help="linear only: train on features extracted once, without augmentation (fast on CPU)")
+    for flag in ("--dist-url", "--dist-backend", "--world-size", "--rank"):
+        p.add_argument(flag, default=None, help="accepted for ssl-small compatibility; ignored")
+    p.add_argument("--multiprocessing-distributed", action="store_true", help="ignored (compatibility)")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    root = resolve_root(args.data, args.dataset)
+    probe_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else None
+    if args.image_size is None and probe_dir is None:
+        args.image_size = 32  # torchvision CIFAR layout
+    backbone, size = model_from_args(args, probe_dir or root)
+    lr = args.lr if args.lr is not None else (0.01 if args.finetune else 10.0)
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    torch.manual_seed(args.seed)
+    if args.precompute and not args.finetune:
+        if probe_dir is None:
+            raise ValueError("--precompute needs an ImageFolder tree (train/, val/)")
+        xtr, ytr = split_features(args, backbone, probe_dir, size)
+        xte, yte = split_features(args, backbone, os.path.join(root, "val"), size)
+        res = linear_probe_features(xtr, ytr, xte, yte, args.epochs, lr, args.batch_size, True, args.momentum,
+                                    args.weight_decay, tuple(args.schedule), args.cos, args.seed, log=print)
+        aug = "precomputed features, no augmentation"
+    else:
+        train, val, num_classes = build_datasets(root, args.dataset, train_tf, eval_transform(size))
+        model = Classifier(backbone, num_classes, normalize=True, frozen=not args.finetune).to(args.device)
+        g = torch.Generator().manual_seed(args.seed)
+        tl = DataLoader(train, args.batch_size, shuffle=True, num_workers=args.workers, generator=g)
+        vl = DataLoader(val, args.batch_size, num_workers=args.workers)
+        res = train_classifier(model, tl, vl, num_classes, args.epochs, lr, args.momentum, args.weight_decay,
+                               tuple(args.schedule), args.cos, args.device)
+        aug = "RandomResizedCrop+flip"
+    mode = "finetune (backbone in train mode)" if args.finetune else "linear (frozen backbone, BN eval)"
+    sched = "cos" if args.cos else f"steps{args.schedule}"
+    print(f"[transfer dataset={args.dataset} {mode} features=l2-normalised {aug} lr={lr:g} "
+          f"wd={args.weight_decay:g} epochs={args.epochs} sched={sched} split=train->val] "
+          f"top1={res['top1']:.2f}% mean-per-class={res['mean_per_class']:.2f}%")
+    return res
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
