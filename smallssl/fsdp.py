@@ -17,6 +17,7 @@ checkpointing per group of blocks trades compute for memory. Here:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -167,7 +168,9 @@ def _load_one(ckpt_dir: str, key: str, md: Any) -> Any:
         holder = {key: torch.empty(md.size, dtype=md.properties.dtype)}
     else:
         holder = {key: None}
-    dcp.load(holder, checkpoint_id=ckpt_dir, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended (offline conversion)
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(holder, checkpoint_id=ckpt_dir, no_dist=True)
     return holder[key]
 
 

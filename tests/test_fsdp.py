@@ -138,17 +138,17 @@ def fsdp_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)] + [out]
 
 
 def test_fsdp_fp32_equals_unsharded_with_lars(fsdp_run):
-    for r in fsdp_run:
+    for r in fsdp_run[:2]:
         assert r["fp32_params_moved"] > 0  # not trivially equal
         assert r["fp32_max_param_diff"] < 1e-5
 
 
 def test_fsdp_bf16_sharded_resume_is_exact(fsdp_run):
-    for r in fsdp_run:
+    for r in fsdp_run[:2]:
         assert r["param_dtype"] == "torch.float32"  # sharded master weights stay fp32; compute is bf16
         assert all(v == v and abs(v) < 1e6 for v in r["losses"] + r["after"])  # finite
         assert r["resumed"] == r["after"]  # same loss at the next two steps: weights and LARS momentum restored
@@ -160,6 +160,18 @@ def test_sharded_consolidated_sliced_round_trip(fsdp_run):
     r = fsdp_run[0]
     assert r["conso_keys_equal"] and r["conso_equal"] and r["conso_extra"] == [2, 2] and r["conso_has_momentum"]
     assert r["sliced_equal"] and r["dcp_sliced_equal"]
+    # the CLI gives the same file; sliced -> consolidated by CLI gives the model tensors back
+    from smallssl.convert import main as convert
+
+    out = fsdp_run[2]
+    convert(["dcp2consolidated", os.path.join(out, "sharded"), os.path.join(out, "cli.pth.tar"), "--no-optimizer"])
+    convert(["sliced2consolidated", os.path.join(out, "sliced", "index.torch"), os.path.join(out, "back.pth.tar")])
+    ref = torch.load(os.path.join(out, "conso.pth.tar"), weights_only=False)
+    for name in ("cli.pth.tar", "back.pth.tar"):
+        c = torch.load(os.path.join(out, name), weights_only=False)
+        assert "optimizer" not in c and c["epoch"] == 2
+        assert c["state_dict"].keys() == ref["state_dict"].keys()
+        assert all(torch.equal(c["state_dict"][k], v) for k, v in ref["state_dict"].items())
 
 
 def test_errors_name_the_problem(tmp_path):
