@@ -61,40 +61,40 @@ def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
 
 
 def _stats_chunked(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-                   need_grad: bool, chunk: int = 8192) -> Stats:
+                   need_grad: bool, chunk: Optional[int] = None) -> Stats:
     """PyTorch version of the kernel's algorithm: per-row loss, top-1 hit, and the unscaled gradients.
 
     Walks the queue in chunks of ``chunk`` rows with an online log-sum-exp, so memory is
-    O(B * chunk) instead of O(B * K). Returns (loss_rows (B,), correct (B,) bool, gq (B, D), gk (B, D));
+    O(B * chunk) instead of O(B * K) (default: 4M logits per chunk).
+    Returns (loss_rows (B,), correct (B,) bool, gq (B, D), gk (B, D));
     the gradients are d(sum of loss_rows)/dq and /dk in fp32, or None without ``need_grad``.
     """
     dt = torch.promote_types(q.dtype, queue.dtype)
     acc_dt = torch.promote_types(dt, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-    qc = q.to(dt)
-    qf, kf = q.to(acc_dt), k.to(acc_dt)
     inv_t = 1.0 / temperature
+    chunk = chunk or max(1024, (1 << 22) // max(1, q.shape[0]))
+    qs = q.to(dt) * inv_t  # fold 1/T into the small operand
+    qf, kf = q.to(acc_dt), k.to(acc_dt)
     pos = (qf * kf).sum(1) * inv_t  # (B,)
-    m, l = pos.clone(), torch.ones_like(pos)  # the positive seeds the running max and sum
-    neg_max = torch.full_like(pos, float("-inf"))
-    acc = torch.zeros_like(qf) if need_grad else None
+    lse, neg_max = pos.clone(), torch.full_like(pos, float("-inf"))  # the positive alone: LSE = pos
+    acc = torch.zeros_like(qf) if need_grad else None  # softmax-weighted sum of queue rows so far
     for start in range(0, queue.shape[0], chunk):
         v = queue[start:start + chunk].to(dt)
-        s = (qc @ v.t()).to(acc_dt) * inv_t  # B x chunk
-        cmax = s.amax(1)
-        neg_max = torch.maximum(neg_max, cmax)
-        m_new = torch.maximum(m, cmax)
-        alpha = torch.exp(m - m_new)
-        p = torch.exp(s - m_new[:, None])
-        l = l * alpha + p.sum(1)
+        s = (qs @ v.t()).to(acc_dt)  # B x chunk logits
+        neg_max = torch.maximum(neg_max, s.amax(1))
+        # log_softmax is one fused pass on CPU (logsumexp is several); read the LSE off column 0.
+        ls = torch.log_softmax(s, dim=1)
+        lse_c = s[:, 0] - ls[:, 0]
+        lse_new = torch.logaddexp(lse, lse_c)
         if need_grad:
-            acc = acc * alpha[:, None] + p @ v.to(acc_dt)
-        m = m_new
-    lse = m + torch.log(l)
+            o_c = ls.exp_() @ v.to(acc_dt)  # chunk-local softmax, merged below by LSE weights
+            acc = acc * torch.exp(lse - lse_new)[:, None] + o_c * torch.exp(lse_c - lse_new)[:, None]
+        lse = lse_new
     loss_rows = lse - pos
     gq = gk = None
     if need_grad:
         p_pos = torch.exp(pos - lse)
-        gq = (acc / l[:, None] - (1.0 - p_pos)[:, None] * kf) * inv_t
+        gq = (acc - (1.0 - p_pos)[:, None] * kf) * inv_t
         gk = (p_pos - 1.0)[:, None] * qf * inv_t
     return loss_rows, pos >= neg_max, gq, gk
 

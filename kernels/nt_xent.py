@@ -60,14 +60,18 @@ def _fwd_chunked(z: torch.Tensor, temperature: float, chunk: int = 2048) -> Tupl
     m = z.shape[0]
     inv_t = 1.0 / temperature
     acc_dt = torch.promote_types(z.dtype, torch.float32)
-    pos = (z.to(acc_dt) * z[_partner(m, z.device)].to(acc_dt)).sum(1) * inv_t
-    lse = torch.empty(m, device=z.device, dtype=acc_dt)
+    partner = _partner(m, z.device)
+    loss = torch.empty(m, device=z.device, dtype=acc_dt)
+    lse = torch.empty_like(loss)
+    zs = z * inv_t  # fold 1/T into the left operand
     for a in range(0, m, chunk):
-        s = (z[a:a + chunk] @ z.t()).to(acc_dt) * inv_t
         rows = torch.arange(a, min(a + chunk, m), device=z.device)
+        s = (zs[a:a + chunk] @ z.t()).to(acc_dt)
         s[rows - a, rows] = float("-inf")
-        lse[a:a + chunk] = torch.logsumexp(s, dim=1)
-    return lse - pos, lse
+        ls = torch.log_softmax(s, dim=1)  # one fused pass on CPU (logsumexp takes several)
+        loss[a:a + chunk] = -ls[rows - a, partner[rows]]
+        lse[a:a + chunk] = s[rows - a, partner[rows]] - ls[rows - a, partner[rows]]
+    return loss, lse
 
 
 def _bwd_chunked(z: torch.Tensor, lse: torch.Tensor, temperature: float, chunk: int = 2048) -> torch.Tensor:
