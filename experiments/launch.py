@@ -1,0 +1,448 @@
+"""Run a sweep of ``main_moco.py`` trainings on Slurm (or locally) with submitit.
+
+Usage (from the repository root)::
+
+    python -m experiments.launch experiments/sweeps/tiny_moco.py --dry-run        # print the grid, submit nothing
+    python -m experiments.launch experiments/sweeps/tiny_moco.py --cluster slurm   # one job array
+    python -m experiments.launch experiments/sweeps/tiny_moco.py --collect         # markdown table of results
+
+A sweep file is Python defining ``BASE`` (argv list for main_moco.py), ``GRID`` (dict flag -> list of values;
+the cartesian product gives the points; ``True`` = bare flag, ``False``/``None`` = flag left out, a list/tuple
+= several values) and optionally ``SLURM`` (executor defaults: partition, nodes, gpus_per_node, tasks_per_node,
+cpus_per_task, timeout_min, mem_gb, signal_delay_s, array_parallelism, setup) and ``OUTPUT`` (root folder,
+default ``runs/<sweep name>``). Every point is parsed with ``main_moco.get_args_parser()`` before anything is
+submitted; an unknown flag or a bad value stops the launch with the flag named.
+
+Each point trains in ``OUTPUT/<point name>`` (the name comes from its overrides, e.g. ``arch=resnet18,lr=0.03``)
+with ``--resume auto``. Preemption and timeouts: Slurm sends SIGUSR2 (``--signal USR2@signal_delay_s``); the job
+only *requests* a stop (:func:`smallssl.preempt.request_stop`), the training loop writes an iteration-level
+``checkpoint_last.pth.tar`` at the next step boundary (agreed across ranks) and returns ``"preempted"``; then
+rank 0 runs submitit's own requeue path (``checkpoint()`` -> ``scontrol requeue``) and the requeued job resumes
+exactly. submitit's default handler would call ``checkpoint()`` inside the signal handler and exit at once,
+before the loop could save; a collective save there would hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # main_moco.py lives at the repository root
+    sys.path.insert(0, str(REPO))
+
+import main_moco  # noqa: E402
+from smallssl import preempt  # noqa: E402
+
+MANAGED_FLAGS = ("--ckpt-dir",)  # set per point by the launcher
+SLURM_KEYS = {"partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min", "mem_gb",
+              "signal_delay_s", "array_parallelism", "setup", "name", "max_num_timeout", "additional_parameters"}
+
+
+class SweepError(ValueError):
+    """A sweep file or one of its grid points is invalid (raised before anything is submitted)."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: list[str]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    slurm: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+
+
+@dataclass
+class Point:
+    name: str
+    overrides: dict[str, Any]
+    argv: list[str]  # full main_moco argv, --ckpt-dir included
+    out_dir: str
+
+
+# --------------------------------------------------------------------------------------------- sweep files
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Execute a sweep file and read BASE, GRID, SLURM, OUTPUT from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {str(path)!r} not found")
+    ns = runpy.run_path(str(path))
+    if "BASE" not in ns:
+        raise SweepError(f"{path}: a sweep file must define BASE (argv list for main_moco.py)")
+    base, grid, slurm = ns["BASE"], ns.get("GRID", {}), ns.get("SLURM", {})
+    if not isinstance(base, (list, tuple)) or not all(isinstance(a, str) for a in base):
+        raise SweepError(f"{path}: BASE must be a list of strings, got {base!r}")
+    if not isinstance(grid, dict):
+        raise SweepError(f"{path}: GRID must be a dict flag -> list of values, got {type(grid).__name__}")
+    if not isinstance(slurm, dict):
+        raise SweepError(f"{path}: SLURM must be a dict, got {type(slurm).__name__}")
+    return Sweep(name=path.stem, base=list(base), grid=dict(grid), slurm=dict(slurm), output=ns.get("OUTPUT"))
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the grid, in GRID order (the last flag varies fastest); ``{}`` -> ``[{}]``."""
+    for flag, values in grid.items():
+        if not isinstance(flag, str) or not flag.startswith("-"):
+            raise SweepError(f"GRID key {flag!r} is not a command-line flag (it must start with '-')")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise SweepError(f"GRID[{flag!r}] must be a non-empty list of values, got {values!r}")
+    flags = list(grid)
+    return [dict(zip(flags, combo)) for combo in itertools.product(*(grid[f] for f in flags))]
+
+
+def flag_argv(flag: str, value: Any) -> list[str]:
+    """``True`` -> ``[flag]``; ``False``/``None`` -> ``[]``; list/tuple -> ``[flag, *values]``; else ``[flag, str]``."""
+    if value is True:
+        return [flag]
+    if value is False or value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(str, value)]
+    return [flag, str(value)]
+
+
+def point_name(overrides: dict[str, Any]) -> str:
+    """Folder name from the overrides: ``{"-a": "resnet18", "--lr": 0.03}`` -> ``a=resnet18,lr=0.03``."""
+    if not overrides:
+        return "base"
+    parts = []
+    for flag, value in overrides.items():
+        key = flag.lstrip("-")
+        if value is True:
+            val = "on"
+        elif value is False or value is None:
+            val = "off"
+        elif isinstance(value, (list, tuple)):
+            val = "-".join(map(str, value))
+        else:
+            val = str(value)
+        parts.append(f"{key}={val}")
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+
+
+def validate_argv(argv: list[str], where: str = "") -> argparse.Namespace:
+    """Parse with main_moco's parser; raise SweepError naming an unknown flag or a bad value."""
+    parser = main_moco.get_args_parser()
+
+    def _error(message: str):
+        raise SweepError(f"{where}: {message}" if where else message)
+
+    parser.error = _error  # argparse would print usage and sys.exit(2)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        _error(f"unknown flag(s) for main_moco.py: {' '.join(flags)} (see python main_moco.py --help)")
+    return args
+
+
+def build_points(sweep: Sweep, output_root: str | os.PathLike) -> list[Point]:
+    """Expand and validate every grid point (nothing is submitted here)."""
+    for flag in MANAGED_FLAGS:
+        if flag in sweep.base or flag in sweep.grid:
+            raise SweepError(f"{sweep.name}: do not set {flag}; the launcher gives each point its own folder")
+    points, seen = [], set()
+    for overrides in expand_grid(sweep.grid):
+        name = point_name(overrides)
+        if name in seen:
+            raise SweepError(f"{sweep.name}: two grid points share the folder name {name!r}")
+        seen.add(name)
+        out_dir = os.path.join(os.path.abspath(output_root), name)
+        argv = list(sweep.base) + [a for f, v in overrides.items() for a in flag_argv(f, v)] + ["--ckpt-dir", out_dir]
+        validate_argv(argv, where=f"{sweep.name} point {name!r}")
+        points.append(Point(name, overrides, argv, out_dir))
+    return points
+
+
+# ------------------------------------------------------------------------------------------- the job itself
+class SweepJob:
+    """submitit callable for one grid point: ``__call__`` trains, ``checkpoint()`` requeues.
+
+    Inside a job, SIGUSR2 only requests a stop; when main() returns ``"preempted"`` (the loop saved
+    ``checkpoint_last.pth.tar``), rank 0 hands over to submitit's handler, which calls :meth:`checkpoint`,
+    dumps the new submission, runs ``scontrol requeue`` and exits. Other ranks wait to be stopped by the requeue.
+    """
+
+    def __init__(self, argv: list[str], name: str = "", rank_wait_s: float = 120.0):
+        self.argv, self.name, self.rank_wait_s = list(argv), name, rank_wait_s
+
+    def resume_args(self) -> argparse.Namespace:
+        """The point's args with ``--resume auto`` (a first-start ``--resume X --restart`` is kept until a
+        checkpoint of this run exists)."""
+        args = main_moco.get_args_parser().parse_args(self.argv)
+        ckpt_dir = args.ckpt_dir
+        has_own = os.path.isdir(ckpt_dir) and any(re.fullmatch(r"checkpoint_(\d{4}|last)\.pth\.tar", f)
+                                                  for f in os.listdir(ckpt_dir))
+        if has_own or not args.resume:
+            args.resume, args.restart = "auto", False
+        return args
+
+    def __call__(self) -> dict:
+        import submitit
+
+        preempt.clear()
+        previous = signal.signal(signal.SIGUSR2, preempt.request_stop)  # replaces submitit's handler
+        env = _job_env()
+        info: dict[str, Any] = {"point": self.name, "rank": 0, "world_size": 1,
+                                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+                                "job_id": None}
+        try:
+            if env is not None:
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+                info.update(rank=env.global_rank, world_size=env.num_tasks, job_id=env.job_id)
+            if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the CPUs Slurm gave us, not all of the node's
+                import torch
+
+                torch.set_num_threads(max(1, int(os.environ["SLURM_CPUS_PER_TASK"])))
+            args = self.resume_args()
+            if info["rank"] == 0:
+                _append_json(os.path.join(args.ckpt_dir, "launcher.jsonl"), {**info, "time": time.time()})
+            result = dict(main_moco.main(args) or {})
+        finally:
+            signal.signal(signal.SIGUSR2, previous if previous is not None else signal.SIG_DFL)
+        result.update(info)
+        if result.get("status") == "preempted":
+            self._requeue(previous, info["rank"])
+        return result
+
+    def _requeue(self, submitit_handler, rank: int) -> None:
+        """After the iteration-level save: let submitit checkpoint + requeue (rank 0), or wait for it."""
+        if not callable(submitit_handler):  # not under submitit (plain call / debug executor): just return
+            return
+        if rank != 0:
+            # The requeue stops every task of the job; returning early would write a stale result file.
+            time.sleep(self.rank_wait_s)
+            return
+        try:
+            submitit_handler(signal.SIGUSR2, None)  # checkpoint() -> dump -> scontrol requeue -> sys.exit(-1)
+        except subprocess.CalledProcessError:
+            # scontrol refused: Slurm itself is already requeuing this job (partition preemption). Exit
+            # without a result file so submitit keeps waiting for the requeued run.
+            print("=> scontrol requeue refused; Slurm is requeuing this job itself", file=sys.stderr)
+            sys.exit(-1)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit (possibly inside a signal handler): never saves; the loop has saved or will."""
+        import submitit
+
+        preempt.request_stop()
+        return submitit.helpers.DelayedSubmission(SweepJob(self.argv, self.name, self.rank_wait_s))
+
+
+def _job_env():
+    """submitit's JobEnvironment inside a submitit job (slurm/local), else None."""
+    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local"):
+        return None
+    import submitit
+
+    return submitit.JobEnvironment()
+
+
+def _append_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ submission
+def executor_parameters(sweep: Sweep, cli: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge SLURM defaults with command-line overrides into submitit AutoExecutor parameters."""
+    merged = {**sweep.slurm, **{k: v for k, v in (cli or {}).items() if v is not None}}
+    unknown = set(merged) - SLURM_KEYS
+    if unknown:
+        raise SweepError(f"{sweep.name}: unknown SLURM key(s) {sorted(unknown)}; valid: {sorted(SLURM_KEYS)}")
+    gpus = int(merged.get("gpus_per_node", 0) or 0)
+    params: dict[str, Any] = {
+        "name": merged.get("name", f"smallssl-{sweep.name}"),
+        "nodes": int(merged.get("nodes", 1)),
+        "gpus_per_node": gpus,
+        "tasks_per_node": int(merged.get("tasks_per_node") or max(gpus, 1)),  # one process per GPU
+        "cpus_per_task": int(merged.get("cpus_per_task", 1)),
+        "timeout_min": int(merged.get("timeout_min", 60)),
+        "slurm_signal_delay_s": int(merged.get("signal_delay_s", 90)),
+    }
+    if merged.get("mem_gb"):
+        params["mem_gb"] = merged["mem_gb"]
+    if merged.get("partition"):
+        params["slurm_partition"] = merged["partition"]
+    if merged.get("array_parallelism"):
+        params["slurm_array_parallelism"] = int(merged["array_parallelism"])
+    if merged.get("setup"):
+        params["slurm_setup"] = list(merged["setup"])
+    if merged.get("max_num_timeout") is not None:
+        params["slurm_max_num_timeout"] = int(merged["max_num_timeout"])
+    if merged.get("additional_parameters"):
+        params["slurm_additional_parameters"] = dict(merged["additional_parameters"])
+    return params
+
+
+def output_root_of(sweep: Sweep, output_root: str | None = None) -> str:
+    return os.path.abspath(output_root or sweep.output or os.path.join("runs", sweep.name))
+
+
+def launch(sweep: Sweep | str | os.PathLike, cluster: str | None = None, dry_run: bool = False,
+           output_root: str | None = None, slurm: dict[str, Any] | None = None) -> list:
+    """Validate every point, then submit one job array. Returns the submitit jobs ([] for a dry run)."""
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    root = output_root_of(sweep, output_root)
+    points = build_points(sweep, root)  # raises before anything is submitted
+    params = executor_parameters(sweep, slurm)
+    if dry_run:
+        print(f"# sweep {sweep.name}: {len(points)} point(s) -> {root}")
+        print(f"# executor: {json.dumps(params)}")
+        for p in points:
+            print(f"{p.name}: python main_moco.py {' '.join(p.argv)}")
+        return []
+    import submitit
+
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise SweepError("--cluster slurm but sbatch is not on PATH (start one with scripts/slurm_local.sh start)")
+    # The job imports experiments.launch and main_moco: make the repository importable there.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    executor = submitit.AutoExecutor(folder=os.path.join(root, "_submitit", "%j"), cluster=cluster)
+    executor.update_parameters(**params)
+    with executor.batch():  # one job array on Slurm
+        jobs = [executor.submit(SweepJob(p.argv, p.name)) for p in points]
+    _write_manifest(root, sweep, points, jobs)
+    for p, j in zip(points, jobs):
+        print(f"submitted {p.name}: job {j.job_id}")
+    return jobs
+
+
+def _write_manifest(root: str, sweep: Sweep, points: list[Point], jobs: list) -> None:
+    os.makedirs(root, exist_ok=True)
+    manifest = {"sweep": sweep.name, "time": time.time(),
+                "points": [{"name": p.name, "overrides": {k: v for k, v in p.overrides.items()}, "argv": p.argv,
+                            "out_dir": p.out_dir, "job_id": str(j.job_id)} for p, j in zip(points, jobs)]}
+    with open(os.path.join(root, "launch.json"), "w") as f:
+        json.dump(manifest, f, indent=1, default=str)
+
+
+# ------------------------------------------------------------------------------------------------- results
+def _slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """JobID -> State from sacct (empty when sacct is missing or fails)."""
+    ids = [j for j in job_ids if j and j != "None"]
+    if not ids or shutil.which("sacct") is None:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        if "|" in line:
+            jid, state = line.split("|", 1)
+            states[jid.strip()] = state.split()[0] if state.strip() else "?"
+    return states
+
+
+def point_state(out_dir: str, epochs: int) -> str:
+    """From the files of a run: finished | preempted (iteration checkpoint waiting) | running | pending."""
+    if os.path.isfile(os.path.join(out_dir, f"checkpoint_{epochs:04d}.pth.tar")):
+        return "finished"
+    if os.path.isfile(os.path.join(out_dir, main_moco.LAST_CKPT)):
+        return "preempted"
+    if any(os.path.isfile(os.path.join(out_dir, f)) for f in ("log.jsonl", "launcher.jsonl")):
+        return "running"
+    return "pending"
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def collect(sweep: Sweep | str | os.PathLike, output_root: str | None = None) -> str:
+    """One markdown table over all grid points: epochs done, final loss, kNN (if logged), img/s, state, job."""
+    from smallssl.logging import read_jsonl
+
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    root = output_root_of(sweep, output_root)
+    points = build_points(sweep, root)
+    jobs: dict[str, str] = {}
+    manifest = os.path.join(root, "launch.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            jobs = {p["name"]: p.get("job_id") for p in json.load(f).get("points", [])}
+    slurm_states = _slurm_states(list(jobs.values()))
+    rows = ["| point | epochs | loss | kNN | img/s | state | job |", "|---|---|---|---|---|---|---|"]
+    for p in points:
+        epochs = validate_argv(p.argv).epochs
+        log = read_jsonl(os.path.join(p.out_dir, "log.jsonl"))
+        last = log[-1] if log else {}
+        knn = None
+        for rec in reversed(log):
+            keys = sorted(k for k in rec if k.lower().startswith("knn"))
+            if keys:
+                knn = rec[keys[0]]
+                break
+        state = point_state(p.out_dir, epochs)
+        job = jobs.get(p.name) or "-"
+        slurm_state = slurm_states.get(str(job))
+        if state != "finished" and slurm_state and slurm_state not in ("RUNNING", "PENDING", "REQUEUED"):
+            state = f"{state} ({slurm_state})"
+        done = f"{last['epoch'] + 1}/{epochs}" if "epoch" in last else f"0/{epochs}"
+        rows.append(f"| {p.name} | {done} | {_fmt(last.get('loss'), 4)} | {_fmt(knn, 2)} | "
+                    f"{_fmt(last.get('img_per_s'), 1)} | {state} | {job} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m experiments.launch", description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="sweep file (experiments/sweeps/<name>.py) defining BASE, GRID, SLURM")
+    p.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submitit executor (default: slurm when srun is on PATH, else local)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print every point; submit nothing")
+    p.add_argument("--collect", action="store_true", help="print a markdown table of the points' results")
+    p.add_argument("--output-root", default=None, help="folder of the point folders (default: OUTPUT or runs/NAME)")
+    g = p.add_argument_group("slurm (override the sweep's SLURM dict)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--nodes", default=None, type=int)
+    g.add_argument("--gpus-per-node", default=None, type=int)
+    g.add_argument("--tasks-per-node", default=None, type=int, help="processes per node (default: GPUs, or 1)")
+    g.add_argument("--cpus-per-task", default=None, type=int)
+    g.add_argument("--timeout-min", default=None, type=int)
+    g.add_argument("--mem-gb", default=None, type=float)
+    return p
+
+
+def cli(argv: list[str] | None = None) -> int:
+    a = get_args_parser().parse_args(argv)
+    overrides = {k: getattr(a, k) for k in ("partition", "nodes", "gpus_per_node", "tasks_per_node",
+                                             "cpus_per_task", "timeout_min", "mem_gb")}
+    try:
+        if a.collect:
+            print(collect(a.sweep, a.output_root))
+            return 0
+        jobs = launch(a.sweep, cluster=a.cluster, dry_run=a.dry_run, output_root=a.output_root, slurm=overrides)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jobs and a.cluster in ("local", "debug"):  # local jobs die with this process: wait for them
+        failed = 0
+        for j in jobs:
+            try:
+                print(f"{j.job_id}: {j.result()}")
+            except Exception as e:  # noqa: BLE001 - report every failed point, then exit non-zero
+                print(f"{j.job_id} failed: {e}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
