@@ -108,6 +108,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="projection head: bare --mlp = MoCo v2 2-layer MLP; or wide|simple|deep")
     g.add_argument("--shuffle-bn-splits", default=2, type=int,
                    help="single-process shuffle-BN emulation: key/query sub-batches (1 = off)")
+    # SEED (Fang et al., ICLR 2021): distil a frozen teacher into -a ARCH. Recipe: --lr 0.03*B/256 (pass the
+    # scaled value yourself, e.g. --lr 0.06 for -b 512), --warmup-epochs 5 --cos, --mlp for the student head.
+    g = p.add_argument_group("seed")
+    g.add_argument("--teacher-ckpt", default="", help="teacher checkpoint: smallssl (MoCo/SwAV), official MoCo / "
+                   "ssl-small, SwAV, VISSL/SEER, or a torchvision / timm state dict")
+    g.add_argument("--teacher-arch", default=None, help="teacher backbone (default: the checkpoint's 'arch')")
+    g.add_argument("--teacher-proj", default="auto", choices=["auto", "head", "none", "random"],
+                   help="teacher embedding: auto = checkpoint projection head if any, else backbone feature; "
+                        "random = fixed random projection of the backbone feature to --seed-dim")
+    g.add_argument("--seed-dim", "--teacher-dim", default=128, type=int, dest="seed_dim",
+                   help="embedding width of student head and teacher (must match the teacher's)")
+    g.add_argument("--seed-k", default=65536, type=int, help="queue of teacher embeddings; multiple of global batch")
+    g.add_argument("--seed-t", default=0.2, type=float, help="student temperature")
+    g.add_argument("--seed-teacher-t", default=1e-4, type=float, help="teacher temperature (fp32 logits)")
     return p
 
 
@@ -116,11 +130,26 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
     if args.method == "moco":
         return METHODS["moco"](backbone, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
                                mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits)
+    if args.method == "seed":
+        from smallssl.methods.seed import build_teacher
+
+        small_input = args.image_size <= 64 if args.small_input is None else args.small_input
+        teacher = build_teacher(args.teacher_arch, args.teacher_ckpt, small_input=small_input,
+                                proj=args.teacher_proj, dim=args.seed_dim, seed=args.seed,
+                                verbose=sdist.get_rank() == 0)
+        return METHODS["seed"](backbone, teacher=teacher, dim=args.seed_dim, K=args.seed_k, T=args.seed_t,
+                               teacher_T=args.seed_teacher_t, mlp=args.mlp)
     raise ValueError(f"no builder for method {args.method!r}; known: {', '.join(sorted(METHODS))}")
 
 
 def build_transform(args: argparse.Namespace):
     """The views each method trains on (a callable image -> list of tensors)."""
+    if args.method == "seed":  # SEED: student and teacher see the same single view
+        from smallssl.data import MultiViewTransform
+
+        return MultiViewTransform([pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
+                                                      grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
+                                                      min_scale=args.min_crop_scale)])
     return two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
                                         grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
                                         min_scale=args.min_crop_scale))
@@ -172,6 +201,13 @@ def validate_args(args) -> None:
         gb = global_batch_size(args)
         raise ValueError(f"--moco-k {args.moco_k} is not a multiple of the global batch size {gb}; the queue "
                          f"would wrap mid-batch. Use e.g. --moco-k {max(gb, args.moco_k // gb * gb)}.")
+    if args.method == "seed":
+        if not args.teacher_ckpt or not os.path.isfile(args.teacher_ckpt):
+            raise FileNotFoundError(f"--method seed needs --teacher-ckpt FILE (got {args.teacher_ckpt!r})")
+        if args.seed_k % global_batch_size(args):
+            gb = global_batch_size(args)
+            raise ValueError(f"--seed-k {args.seed_k} is not a multiple of the global batch size {gb}. "
+                             f"Use e.g. --seed-k {max(gb, args.seed_k // gb * gb)}.")
     if args.restart and not args.resume:
         raise ValueError("--restart needs --resume CHECKPOINT (the weights to restart from)")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):

@@ -252,3 +252,10 @@ def restart_load(method: nn.Module, ckpt: Mapping, source: str = "<dict>", verbo
         print(f"=> also loaded: {sorted(extra) or 'nothing else'}; skipped (shape): {skipped or 'none'}; "
               f"key encoder {'copied from query encoder' if hasattr(method, 'copy_query_to_key') else 'n/a'}")
     return reports
+
+
+def distill_ckpt2moco_ckpt(path: str, out: str | None = None, keep_queue: bool = False) -> str:
+    """SEED checkpoint -> MoCo checkpoint (lazy re-export of :func:`smallssl.seed_convert.distill_ckpt2moco_ckpt`)."""
+    from .seed_convert import distill_ckpt2moco_ckpt as convert  # lazy: seed_convert imports this module
+
+    return convert(path, out, keep_queue)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .moco import MoCo
+from .seed import SEED
 
 METHODS: dict[str, type[nn.Module]] = {
     "moco": MoCo,
+    "seed": SEED,
 }

@@ -1,0 +1,296 @@
+"""SEED: self-supervised distillation (Fang et al., ICLR 2021, arXiv:2101.04731).
+
+A frozen, self-supervised teacher (backbone + its projection head, always in eval mode, no gradients)
+embeds a batch ``x`` (B, 3, H, W) into L2-normalised ``t`` (B, dim); the student ``encoder_q`` (backbone +
+MoCo-style head, ``--mlp``) embeds the same images into normalised ``s`` (B, dim). With a queue (K, dim)
+of earlier teacher embeddings, the loss is the soft cross-entropy between the teacher's similarity
+distribution ``softmax([t.t, t queue^T] / T_t)`` and the student's ``log_softmax([s.t, s queue^T] / T_s)``
+(:func:`smallssl.losses.seed_distill`); then the all-gathered teacher embeddings replace the oldest
+``world * B`` queue rows. The paper's recipe: K = 65536, T_s = 0.2, T_t = 1e-4, SGD with
+lr = 0.03 * batch / 256, 5 warm-up epochs, cosine schedule, 200 epochs.
+
+Teachers (:func:`build_teacher`) come from any layout :func:`load_teacher` recognises: smallssl checkpoints
+(MoCo / SwAV: ``module.encoder_q.backbone.*`` + ``module.encoder_q.head.*``), official MoCo / ssl-small
+(``module.encoder_q.<torchvision>`` + ``module.encoder_q.fc.*``), official SwAV (``module.<torchvision>`` +
+``module.projection_head.*``), VISSL / SEER (``classy_state_dict/.../trunk`` + ``heads``, through
+:mod:`smallssl.vissl`), and raw torchvision / timm state dicts (backbone only, no projection head).
+
+Teacher projection (``proj``): ``auto`` = the checkpoint's projection head if it has one, else the backbone
+feature itself; ``head`` = require the head; ``none`` = the backbone feature; ``random`` = a fixed random
+Gaussian projection ``W`` (dim, D) / sqrt(dim) of the backbone feature, drawn from ``seed`` and stored in
+the checkpoint (``teacher.head.weight``). A random projection approximately preserves inner products
+(Johnson-Lindenstrauss), so it keeps the teacher's similarity structure when the backbone feature's width
+differs from the student's embedding dim. A teacher whose embedding width differs from ``dim`` raises
+``ValueError`` naming these choices; it is never truncated or padded silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import dist as sdist
+from ..backbones import create_backbone
+from ..checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, load_checkpoint_file,
+                          load_state_with_report, state_dict_of)
+from ..heads import Encoder, build_head
+from ..losses import info_nce_top1, seed_distill
+
+TEACHER_PROJ = ("auto", "head", "none", "random")
+
+
+class RandomProjection(nn.Module):
+    """Fixed ``x @ W^T`` with ``W ~ N(0, 1/out_dim)`` (out_dim, in_dim), seeded; a buffer, never trained."""
+
+    def __init__(self, in_dim: int, out_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(out_dim, in_dim, generator=g) / out_dim ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T.to(x.dtype)
+
+
+class SEED(nn.Module):
+    """SEED distillation of a frozen teacher into the student ``encoder_q``.
+
+    Args:
+        backbone: student backbone (pooled features, ``.num_features``).
+        teacher: frozen module mapping images (B, 3, H, W) to (B, dim) embeddings, e.g. from
+            :func:`build_teacher` (an :class:`~smallssl.heads.Encoder`); it is put in eval mode for good.
+        dim: embedding width of student and teacher (128 for MoCo-v2 teachers).
+        K: queue length (``--seed-k``, 65536); a multiple of the global batch.
+        T: student temperature (``--seed-t``, 0.2).
+        teacher_T: teacher temperature (``--seed-teacher-t``, 1e-4; logits in fp32).
+        mlp: student head, see :mod:`smallssl.heads` (``--mlp``; SEED used the MoCo-v2 MLP).
+    """
+
+    def __init__(self, backbone: nn.Module, teacher: nn.Module | None = None, dim: int = 128, K: int = 65536,
+                 T: float = 0.2, teacher_T: float = 1e-4, mlp: str = "v2"):
+        super().__init__()
+        if teacher is None:
+            raise ValueError("SEED needs a teacher module (see smallssl.methods.seed.build_teacher; "
+                             "main_moco.py: --teacher-arch ARCH --teacher-ckpt PATH)")
+        if K <= 0 or dim <= 0:
+            raise ValueError(f"queue size K and dim must be positive, got K={K}, dim={dim}")
+        if T <= 0 or teacher_T <= 0:
+            raise ValueError(f"temperatures must be > 0, got T={T}, teacher_T={teacher_T}")
+        t_dim = teacher_dim(teacher)
+        if t_dim is not None and t_dim != dim:
+            raise ValueError(f"the teacher embeds into {t_dim} dims but the student head into {dim}: pass "
+                             f"--seed-dim {t_dim}, or --teacher-proj random (fixed random projection to {dim}); "
+                             f"teacher projection choices: {', '.join(TEACHER_PROJ)}")
+        self.K, self.T, self.teacher_T = K, T, teacher_T
+        self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
+        self.teacher = teacher
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.teacher.eval()
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    def train(self, mode: bool = True) -> SEED:
+        """Train the student only: the teacher keeps its BN running statistics (eval mode) for good."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def check_batch(self, global_batch: int) -> None:
+        if self.K % global_batch != 0:
+            raise ValueError(f"--seed-k {self.K} is not a multiple of the global batch size {global_batch}; "
+                             f"the queue would wrap mid-batch. Use e.g. --seed-k "
+                             f"{max(global_batch, self.K // global_batch * global_batch)}.")
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write the teacher embeddings ``keys`` (N, dim) at the queue pointer and advance it (mod K)."""
+        n = keys.shape[0]
+        if self.K % n != 0:
+            raise ValueError(f"queue size {self.K} is not a multiple of the gathered batch {n}")
+        ptr = int(self.queue_ptr)
+        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    @torch.no_grad()
+    def teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 teacher embeddings (B, dim) of images x (B, 3, H, W)."""
+        self.teacher.eval()
+        return F.normalize(self.teacher(x).float(), dim=1)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """views[0]: (B, 3, H, W), seen by student and teacher alike (as in SEED); further views are unused.
+
+        Returns the loss, ``acc1`` (% of rows whose s.t beats every s.queue logit) and ``agree`` (% of rows
+        where the student's and the teacher's most similar entry of [positive, queue] coincide).
+        """
+        x = views[0]
+        s = F.normalize(self.encoder_q(x).float(), dim=1)
+        t = self.teacher_embed(x)
+        queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
+        loss = seed_distill(s, t, queue, self.T, self.teacher_T)
+        with torch.no_grad():
+            s_d = s.detach()
+            acc1 = info_nce_top1(s_d, t, queue)
+            best_s = torch.cat([(s_d * t).sum(1, keepdim=True), s_d @ queue.T], 1).argmax(1)
+            best_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], 1).argmax(1)
+            agree = (best_s == best_t).float().mean() * 100
+        self.enqueue(sdist.all_gather_cat(t))
+        return {"loss": loss, "acc1": acc1, "agree": agree}
+
+
+# ------------------------------------------------------------------------------------------ teachers
+def teacher_dim(teacher: nn.Module) -> int | None:
+    """Output width of an :class:`Encoder`-like teacher (from its head applied to zero features), else None."""
+    backbone, head = getattr(teacher, "backbone", None), getattr(teacher, "head", None)
+    if backbone is None or head is None or not hasattr(backbone, "num_features"):
+        return None
+    p = next(iter(list(head.parameters()) + list(head.buffers())), None)
+    x = torch.zeros(2, backbone.num_features, device=p.device if p is not None else "cpu")
+    was = head.training
+    head.eval()
+    with torch.no_grad():
+        out = head(x).shape[1]
+    head.train(was)
+    return int(out)
+
+
+def head_from_state(state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a projection head from its tensors (keys relative to the head, e.g. ``0.weight``).
+
+    ``weight`` / ``bias`` alone: one ``Linear`` (MoCo v1 ``fc``). Indexed keys (``0.weight``, ``1.running_mean``,
+    ...): an ``nn.Sequential`` with ``Linear`` for 2-d weights, ``BatchNorm1d`` where running statistics are
+    present and ``ReLU`` at every index without tensors (MoCo v2 ``fc.0/fc.2``, ssl-small ``wide``, SwAV
+    ``projection_head.0/1/3``, smallssl heads). Raises ``ValueError`` for other layouts.
+    """
+    if "weight" in state and state["weight"].ndim == 2:
+        lin = nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)
+        return nn.Sequential(lin)
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        m = re.match(r"^(\d+)\.(.+)$", k)
+        if m is None:
+            raise ValueError(f"cannot rebuild a projection head from key {k!r} (expected 'N.weight' style keys)")
+        layers.setdefault(int(m.group(1)), {})[m.group(2)] = v
+    if not layers:
+        raise ValueError("empty projection head state")
+    modules: list[nn.Module] = []
+    for i in range(max(layers) + 1):
+        sd = layers.get(i)
+        if sd is None:
+            modules.append(nn.ReLU(inplace=True))
+        elif "running_mean" in sd:
+            modules.append(nn.BatchNorm1d(sd["running_mean"].shape[0], affine="weight" in sd))
+        elif "weight" in sd and sd["weight"].ndim == 2:
+            modules.append(nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0], bias="bias" in sd))
+        else:
+            raise ValueError(f"cannot rebuild head layer {i} from tensors {sorted(sd)}")
+    return nn.Sequential(*modules)
+
+
+def _head_prefixes(backbone_prefix: str) -> list[str]:
+    """Where a checkpoint keeps the projection head, given where it keeps the backbone."""
+    if backbone_prefix.endswith("backbone."):
+        base = backbone_prefix[:-len("backbone.")]
+        return [base + "head.", base + "projection_head."]
+    if backbone_prefix.endswith(("encoder_q.", "student.")):  # official MoCo / ssl-small / SEED
+        return [backbone_prefix + "fc.", backbone_prefix + "head.", backbone_prefix + "classifier."]
+    # bare / "module." state dicts: only SwAV's projection head; a torchvision or timm ``fc`` / ``classifier``
+    # is an ImageNet classifier, never a self-supervised projection.
+    return [backbone_prefix + "projection_head."]
+
+
+def _is_vissl(ckpt: Mapping) -> bool:
+    return "classy_state_dict" in ckpt or ckpt.get("type") == "slice_list"
+
+
+def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool = True
+                 ) -> tuple[dict[str, torch.Tensor] | None, list[LoadReport]]:
+    """Load a teacher backbone (strictly) from any supported layout; return (head tensors or None, reports).
+
+    The head tensors have keys relative to the head (``0.weight``); None when the checkpoint has no
+    projection head (torchvision / timm state dicts). Each load prints its :class:`LoadReport` summary.
+    """
+    source = path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>"
+    ckpt = load_checkpoint_file(path_or_ckpt) if isinstance(path_or_ckpt, str) else dict(path_or_ckpt)
+    if _is_vissl(ckpt):
+        try:
+            from .. import vissl
+        except ImportError as e:
+            raise CheckpointError(f"{source!r} is a VISSL/SEER checkpoint but smallssl.vissl is unavailable") from e
+        report = vissl.load_vissl_trunk(backbone, path_or_ckpt, strict=True, verbose=verbose)
+        _, heads, _ = vissl.open_vissl(path_or_ckpt)
+        head = _first_head(dict(heads), ["0.projection_head.", "projection_head."])
+        return head, [report]
+    state = state_dict_of(ckpt)
+    prefer = ("module.encoder_q.backbone.", "encoder_q.backbone.", "module.encoder_q.", "encoder_q.",
+              "module.student.backbone.", "module.student.", "student.", "module.backbone.", "backbone.",
+              "module.", "")
+    report = load_state_with_report(backbone, state, source=source, strict=True, prefer=prefer)
+    report.source = source + " [teacher backbone]"
+    if verbose:
+        print(report.summary())
+    head = _first_head(state, _head_prefixes(report.prefix))
+    return head, [report]
+
+
+def _first_head(state: Mapping[str, torch.Tensor], prefixes: list[str]) -> dict[str, torch.Tensor] | None:
+    for p in prefixes:
+        sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        if sub:
+            return sub
+    return None
+
+
+def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool = False, proj: str = "auto",
+                  dim: int = 128, seed: int = 0, verbose: bool = True) -> Encoder:
+    """A frozen teacher ``Encoder(backbone, projection)`` in eval mode; see the module docstring for ``proj``.
+
+    ``arch`` None takes the ``arch`` entry of a smallssl / MoCo checkpoint.
+    """
+    if proj not in TEACHER_PROJ:
+        raise ValueError(f"unknown teacher projection {proj!r}; choose one of {', '.join(TEACHER_PROJ)}")
+    if isinstance(ckpt, str):
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"--teacher-ckpt {ckpt!r}: no such file")
+        loaded = load_checkpoint_file(ckpt)
+    else:
+        loaded = ckpt
+    arch = arch or loaded.get("arch")
+    if not arch:
+        raise ValueError("the teacher checkpoint names no architecture: pass --teacher-arch")
+    backbone = create_backbone(arch, small_input=small_input)
+    # A VISSL sliced index must be read from its path; everything else from the loaded dict.
+    head_state, reports = load_teacher(backbone, ckpt if _is_vissl(loaded) else loaded, verbose=verbose)
+    for r in reports:
+        r.source = ckpt if isinstance(ckpt, str) else r.source
+    if proj == "head" and head_state is None:
+        raise CheckpointMismatchError("--teacher-proj head: the teacher checkpoint has no projection head "
+                                      f"(choices: {', '.join(TEACHER_PROJ)})")
+    if proj == "random":
+        head: nn.Module = RandomProjection(backbone.num_features, dim, seed=seed)
+        why = f"fixed random projection {backbone.num_features} -> {dim} (seed {seed})"
+    elif proj in ("auto", "head") and head_state is not None:
+        head = head_from_state(head_state)
+        rep = load_state_with_report(head, head_state, source=f"{ckpt if isinstance(ckpt, str) else '<dict>'} "
+                                     "[teacher head]", prefix="", strict=True)
+        if verbose:
+            print(rep.summary())
+        why = f"checkpoint projection head ({len(head_state)} tensors)"
+    else:
+        head = nn.Identity()
+        why = f"backbone feature ({backbone.num_features}-d, no projection)"
+    teacher = Encoder(backbone, head)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    if verbose:
+        print(f"=> teacher {arch}: embedding = {why}")
+    return teacher.eval()
