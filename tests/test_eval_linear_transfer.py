@@ -94,3 +94,22 @@ def test_main_transfer_precompute_equals_pure_function(tmp_path, capsys):
     assert 0.0 <= ft["top1"] <= 100.0 and "finetune (backbone in train mode)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="cifar10"):
         main_transfer.resolve_root(root, "imagenet")
+
+
+def test_tsne_separates_clusters_and_writes_png(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from experiments.tsne import plot_embedding, tsne_embed
+
+    x, y = _blobs(15, 0)
+    emb = tsne_embed(x, perplexity=5, pca=None, seed=0, max_iter=500)
+    assert emb.shape == (45, 2)
+    assert torch.equal(emb, tsne_embed(x, perplexity=5, pca=None, seed=0, max_iter=500))  # seeded
+    # Each point's nearest other point in the picture has its class (the clusters stay apart).
+    d = torch.cdist(emb, emb) + torch.eye(45) * 1e9
+    assert torch.equal(y[d.argmin(1)], y)
+    assert not torch.equal(emb, tsne_embed(x, perplexity=12, pca=None, seed=0, max_iter=500))  # perplexity is used
+    out = str(tmp_path / "t.png")
+    plot_embedding(emb, y, ["a", "b", "c"], out)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
