@@ -88,7 +88,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     # data
     p.add_argument("--image-size", default=224, type=int, help="crop size (32 for CIFAR)")
-    p.add_argument("--small-input", action="store_true", help="CIFAR stem (automatic when --image-size <= 64)")
+    p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="CIFAR stem (3x3 stride-1 conv, no max-pool); default: on when --image-size <= 64. "
+                        "--no-small-input keeps the ImageNet stem (16x fewer FLOPs at 32px)")
     p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (blur, stronger jitter)")
     p.add_argument("--cj", default=None, type=float, help="colour-jitter strength c: ColorJitter(.8c,.8c,.8c,.4c)")
     p.add_argument("--grey-scale", default=None, type=float, help="grayscale probability (default 0.2)")
@@ -114,6 +116,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--teacher-ckpt", default="", help="teacher checkpoint: smallssl (MoCo/SwAV), official MoCo / "
                    "ssl-small, SwAV, VISSL/SEER, or a torchvision / timm state dict")
     g.add_argument("--teacher-arch", default=None, help="teacher backbone (default: the checkpoint's 'arch')")
+    g.add_argument("--teacher-small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="teacher CIFAR stem (default: as the teacher checkpoint was trained, else as the student)")
     g.add_argument("--teacher-proj", default="auto", choices=["auto", "head", "none", "random"],
                    help="teacher embedding: auto = checkpoint projection head if any, else backbone feature; "
                         "random = fixed random projection of the backbone feature to --seed-dim")
@@ -122,6 +126,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seed-k", default=65536, type=int, help="queue of teacher embeddings; multiple of global batch")
     g.add_argument("--seed-t", default=0.2, type=float, help="student temperature")
     g.add_argument("--seed-teacher-t", default=1e-4, type=float, help="teacher temperature (fp32 logits)")
+    # SimCLR / BYOL / SimSiam / Barlow Twins (issue 8); paper defaults, see each smallssl/methods/<name>.py
+    g = p.add_argument_group("simclr")
+    g.add_argument("--simclr-t", default=0.5, type=float, help="NT-Xent temperature (0.5 CIFAR, 0.1 ImageNet)")
+    g.add_argument("--simclr-dim", default=128, type=int, help="projection output size")
+    g.add_argument("--simclr-hidden", default=None, type=int, help="projection hidden size (default: backbone width)")
+    g = p.add_argument_group("byol")
+    g.add_argument("--byol-m", default=0.996, type=float, help="base EMA momentum, cosine-scheduled to 1")
+    g.add_argument("--byol-dim", default=256, type=int, help="projector / predictor output size")
+    g.add_argument("--byol-hidden", default=4096, type=int, help="projector / predictor hidden size")
+    g = p.add_argument_group("simsiam")
+    g.add_argument("--simsiam-dim", default=2048, type=int, help="projector output (and hidden) size")
+    g.add_argument("--simsiam-pred-dim", default=512, type=int, help="predictor bottleneck size")
+    g.add_argument("--simsiam-proj-layers", default=3, type=int, help="projector depth (3 ImageNet, 2 CIFAR)")
+    g = p.add_argument_group("barlow")
+    g.add_argument("--barlow-lambda", default=5e-3, type=float, help="off-diagonal (redundancy) weight")
+    g.add_argument("--barlow-proj", default="8192-8192-8192",
+                   help="projector widths, dash-separated (e.g. 2048-2048 for small backbones)")
     return p
 
 
@@ -130,13 +151,25 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
     if args.method == "moco":
         return METHODS["moco"](backbone, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
                                mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits)
+    if args.method == "simclr":
+        return METHODS["simclr"](backbone, dim=args.simclr_dim, hidden_dim=args.simclr_hidden,
+                                 temperature=args.simclr_t)
+    if args.method == "byol":
+        return METHODS["byol"](backbone, dim=args.byol_dim, hidden_dim=args.byol_hidden, base_momentum=args.byol_m)
+    if args.method == "simsiam":
+        return METHODS["simsiam"](backbone, dim=args.simsiam_dim, pred_dim=args.simsiam_pred_dim,
+                                  proj_layers=args.simsiam_proj_layers)
+    if args.method == "barlow":
+        from smallssl.methods.barlow import parse_sizes
+
+        return METHODS["barlow"](backbone, projector=parse_sizes(args.barlow_proj), lambd=args.barlow_lambda)
     if args.method == "seed":
         from smallssl.methods.seed import build_teacher
 
         small_input = args.image_size <= 64 if args.small_input is None else args.small_input
-        teacher = build_teacher(args.teacher_arch, args.teacher_ckpt, small_input=small_input,
-                                proj=args.teacher_proj, dim=args.seed_dim, seed=args.seed,
-                                verbose=sdist.get_rank() == 0)
+        teacher = build_teacher(args.teacher_arch, args.teacher_ckpt, small_input=args.teacher_small_input,
+                                default_small_input=small_input, proj=args.teacher_proj, dim=args.seed_dim,
+                                seed=args.seed, verbose=sdist.get_rank() == 0)
         return METHODS["seed"](backbone, teacher=teacher, dim=args.seed_dim, K=args.seed_k, T=args.seed_t,
                                teacher_T=args.seed_teacher_t, mlp=args.mlp)
     raise ValueError(f"no builder for method {args.method!r}; known: {', '.join(sorted(METHODS))}")
@@ -284,7 +317,7 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     torch.manual_seed(args.seed)  # same on every rank: identical init and queue
     random.seed(args.seed)
 
-    small_input = args.small_input or args.image_size <= 64
+    small_input = args.image_size <= 64 if args.small_input is None else args.small_input
     backbone = create_backbone(args.arch, small_input=small_input)
     method = build_method(args, backbone)
     if hasattr(method, "check_batch"):
@@ -334,7 +367,9 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                                              collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
-                                             drop_last=True)
+                                             drop_last=True,  # own generator: its per-iterator base seed must
+                                             # not consume the global RNG, or a resumed run diverges (issue 7)
+                                             generator=torch.Generator().manual_seed(args.seed + epoch))
         stats, step, stopped_at = train_one_epoch(model, method, loader, optimizer, scaler, epoch, start_iter,
                                                   step, sampler.num_batches, device, args, is_main)
         start_iter = 0
@@ -346,6 +381,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
             sdist.barrier()
             return {"status": "preempted", "epoch": epoch, "iter": stopped_at, "checkpoint": path}
         stats.update(epoch=epoch, step=step)
+        if world > 1:
+            stats["replicas_in_sync"] = _replicas_in_sync(method, device)
         logger.log(stats)
         if is_main:
             print(f"=> epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -406,7 +443,7 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
             if k in out:
                 sums[k] += float(out[k].detach())
         if is_main and i % args.print_freq == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", acc1=f"{float(out.get('acc1', 0)):.1f}", lr=f"{lr:.3g}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", acc1=f"{float(out.get('acc1', 0)):.1f}", lr=f"{lr:.3g}")
         bar.update(1)
         if sdist.any_rank(preempt.stop_requested(), device) and i + 1 < steps_per_epoch:
             bar.close()
@@ -416,6 +453,18 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
     stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
     stats.update(lr=lr, img_per_s=n_images / max(elapsed, 1e-9), time_s=elapsed, skipped_images=n_skipped)
     return stats, step, None
+
+
+@torch.no_grad()
+def _replicas_in_sync(method: nn.Module, device: torch.device) -> bool:
+    """True when every rank holds the same parameters and buffers (queue included); raises otherwise."""
+    # BN running stats are per rank (broadcast_buffers=False, as in official MoCo): not compared (issue 7)
+    sums = torch.stack([t.detach().double().sum() for k, t in method.state_dict().items()
+                        if t.is_floating_point() and not k.endswith(("running_mean", "running_var"))])
+    gathered = sdist.all_gather_cat(sums.to(device)[None])
+    if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+        raise RuntimeError("replicas diverged across ranks (parameters or queue differ); this is a bug")
+    return True
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

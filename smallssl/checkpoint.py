@@ -176,10 +176,15 @@ def load_state_with_report(module: nn.Module, state: Mapping[str, torch.Tensor],
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in target if k not in to_load and not _is_optional(k)
                             and not any(m.startswith(k + " ") for m in report.mismatched))
-    if strict and (report.missing or report.mismatched or not report.loaded):
+    # Extra tensors inside a module the model also has (e.g. layer1.2.* of a ResNet-34 loaded into a
+    # ResNet-18) mean another architecture; extra top-level modules (fc, head, classifier) are just heads.
+    roots = {k.split(".")[0] for k in target}
+    foreign = [k for k in report.unexpected if k[len(prefix):].split(".")[0] in roots]
+    if strict and (report.missing or report.mismatched or not report.loaded or foreign):
         raise CheckpointMismatchError(
             f"checkpoint {source!r} does not fit this model: {len(report.loaded)} tensors match, "
-            f"{len(report.missing)} missing, {len(report.mismatched)} with another shape.\n{report.summary()}\n"
+            f"{len(report.missing)} missing, {len(report.mismatched)} with another shape, {len(foreign)} extra "
+            f"inside the model's modules ({', '.join(foreign[:3])}).\n{report.summary()}\n"
             "Check -a/--arch (and --small-input) against the architecture the checkpoint was trained with."
         )
     module.load_state_dict(to_load, strict=False)

@@ -126,11 +126,13 @@ class SafeImageFolder(ImageFolder):
 
 
 def collate_skip_bad(batch: list):
-    """Default collate over the readable samples; returns ``(views, targets, n_skipped)``."""
+    """Collate the readable samples, refilling the batch to its size by repeating readable ones (a queue or
+    a DDP all-gather needs a constant batch). Returns ``(views, targets, n_skipped)``."""
     good = [b for b in batch if b is not None]
     n_bad = len(batch) - len(good)
     if not good:
-        return None, None, n_bad
+        raise CorruptImageError(f"every image of a batch of {len(batch)} was unreadable; check the dataset")
+    good += [good[i % len(good)] for i in range(n_bad)]
     views, targets = torch.utils.data.default_collate(good)
     return views, targets, n_bad
 

@@ -6,19 +6,16 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+             return_accuracy: bool = False):
     """MoCo's InfoNCE (He et al., 2020): ``CE([q.k, q queue^T] / T, 0)`` averaged over the batch.
 
     q, k: (B, D) L2-normalised; queue: (K, D) negatives (no gradient). Dispatches to ``kernels.info_nce``
-    (Triton on CUDA, chunked reference elsewhere).
+    (fused Triton on CUDA, chunked PyTorch elsewhere). ``return_accuracy``: also the pretext top-1 (%).
     """
     import kernels
 
-    fused = getattr(kernels, "info_nce", None)
-    if callable(fused):
-        return fused(q, k, queue, temperature)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature  # B x (1+K)
-    return F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    return kernels.info_nce(q, k, queue, temperature, return_accuracy=return_accuracy)
 
 
 @torch.no_grad()
@@ -33,6 +30,71 @@ def info_nce_top1(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, chunk: 
 
 def l2_normalize(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return F.normalize(x, dim=dim)
+
+
+# ------------------------------------------------------------------------ BYOL / SimSiam / Barlow Twins
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al., NeurIPS 2020, eq. 2): ``mean_b (2 - 2 cos(p_b, z_b))``.
+
+    p: (B, D) online predictions; z: (B, D) target projections (the caller detaches them). Equals the mean
+    squared distance of the L2-normalised vectors; 0 when aligned, 4 when opposite. Computed in fp32.
+    """
+    return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's ``D(p, z) = -mean_b cos(p_b, stopgrad(z_b))`` (Chen & He, CVPR 2021, eq. 1); (B, D), (B, D).
+
+    The stop-gradient is part of the definition: no gradient flows into ``z``.
+    """
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def batch_standardize(z: torch.Tensor, eps: float = 1e-5, reduce_sum=None, n_total: int | None = None) -> torch.Tensor:
+    """Standardise each column of z (B, D) over the batch, as train-mode ``BatchNorm1d(D, affine=False)``.
+
+    Mean and biased variance over the (global) batch; ``reduce_sum`` (a callable summing a tensor over
+    ranks, with autograd) and ``n_total`` (the global batch) make the statistics global, like SyncBN.
+    """
+    z = z.float()
+    n = n_total if n_total is not None else z.shape[0]
+    s = z.sum(0)
+    s = reduce_sum(s) if reduce_sum is not None else s
+    mean = s / n
+    sq = ((z - mean) ** 2).sum(0)
+    sq = reduce_sum(sq) if reduce_sum is not None else sq
+    return (z - mean) / torch.sqrt(sq / n + eps)
+
+
+def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, reduce_sum=None,
+                      n_total: int | None = None) -> torch.Tensor:
+    """Barlow Twins' cross-correlation ``C = bn(z1)^T bn(z2) / N`` (D, D) of two (B, D) batches of embeddings.
+
+    Each view is standardised along the batch (:func:`batch_standardize`), so ``C_ii`` is the correlation
+    of unit i across views. With ``reduce_sum`` (autograd all-reduce) and ``n_total`` the statistics and the
+    sum over samples cover the global batch, as the paper's code (``all_reduce(c)``).
+    """
+    a = batch_standardize(z1, eps, reduce_sum, n_total)
+    b = batch_standardize(z2, eps, reduce_sum, n_total)
+    n = n_total if n_total is not None else z1.shape[0]
+    c = a.T @ b / n  # D x D
+    return reduce_sum(c) if reduce_sum is not None else c
+
+
+def barlow_twins_loss_from_c(c: torch.Tensor, lambd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` (Zbontar et al., ICML 2021, eq. 1).
+
+    c: (D, D) cross-correlation. Returns (loss, on-diagonal term, off-diagonal term without lambd).
+    """
+    diag = torch.diagonal(c)
+    on = (1.0 - diag).pow(2).sum()
+    off = c.pow(2).sum() - diag.pow(2).sum()
+    return on + lambd * off, on, off
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5) -> torch.Tensor:
+    """Single-process Barlow Twins loss of two (B, D) batches of projector outputs (see the two helpers)."""
+    return barlow_twins_loss_from_c(cross_correlation(z1, z2, eps), lambd)[0]
 
 
 # ------------------------------------------------------------------------------------------------- SEED

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import dist as sdist
 from ..heads import Encoder, build_head
-from ..losses import info_nce, info_nce_top1
+from ..losses import info_nce
 
 
 class MoCo(nn.Module):
@@ -129,7 +129,6 @@ class MoCo(nn.Module):
             self.momentum_update()
             k = self._keys(x_k).float()
         queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
-        loss = info_nce(q, k, queue, self.T)
-        acc1 = info_nce_top1(q.detach(), k, queue)
+        loss, acc1 = info_nce(q, k, queue, self.T, return_accuracy=True)
         self.enqueue(sdist.all_gather_cat(k))
         return {"loss": loss, "acc1": acc1}
