@@ -49,22 +49,25 @@ def rep_space_transform(train: torch.Tensor, test: torch.Tensor, rep_space: str)
 def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int, metric: str, query_chunk: int,
                   bank_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = train.shape[0]
-    sq_norms = train.pow(2).sum(1) if metric == "l2" else None
+    if metric == "l2":
+        # -||q - y||^2 / 2 = q.y - ||y||^2 / 2 - ||q||^2 / 2: the last term does not change a query's ranking,
+        # the others are one matmul of [q, 1] with [y, -||y||^2 / 2] (no extra pass over the Qc x Nb scores).
+        train = torch.cat([train, -0.5 * train.pow(2).sum(1, keepdim=True)], 1)
+        test_aug = torch.cat([test, torch.ones_like(test[:, :1])], 1)
+    else:
+        test_aug = test
     out_s, out_i = [], []
     for q0 in range(0, test.shape[0], query_chunk):
-        q = test[q0:q0 + query_chunk]
+        q = test_aug[q0:q0 + query_chunk]
         best_s = q.new_full((q.shape[0], 0), float("-inf"))
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
         for b0 in range(0, n, bank_chunk):
-            bank = train[b0:b0 + bank_chunk]
-            s = q @ bank.T  # similarities: Qc x Nb
-            if metric == "l2":  # -||q - y||^2 + ||q||^2 = 2 q.y - ||y||^2 ranks like the distance
-                s = s.mul_(2).sub_(sq_norms[b0:b0 + bank_chunk])
+            s = q @ train[b0:b0 + bank_chunk].T  # similarities: Qc x Nb
             s, i = s.topk(min(k, s.shape[1]), dim=1)
             best_s, j = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
             best_i = torch.cat([best_i, i + b0], 1).gather(1, j)
-        if metric == "l2":  # back to true squared distances, negated (larger = nearer)
-            best_s = best_s - q.pow(2).sum(1, keepdim=True)
+        if metric == "l2":  # back to negated squared distances: -||q - y||^2 = 2 s - ||q||^2
+            best_s = 2 * best_s - test[q0:q0 + query_chunk].pow(2).sum(1, keepdim=True)
         out_s.append(best_s)
         out_i.append(best_i)
     return torch.cat(out_s), torch.cat(out_i)
