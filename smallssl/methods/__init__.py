@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .barlow import BarlowTwins
+from .byol import BYOL
 from .moco import MoCo
 from .seed import SEED
+from .simclr import SimCLR
+from .simsiam import SimSiam
 
 METHODS: dict[str, type[nn.Module]] = {
     "moco": MoCo,
     "seed": SEED,
+    "simclr": SimCLR,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+    "barlow": BarlowTwins,
 }

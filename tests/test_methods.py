@@ -1,0 +1,247 @@
+"""Method contract over ``METHODS`` (one training step each), plus SimCLR / BYOL / SimSiam / Barlow Twins
+specifics: EMA schedule, stop-gradient, collapse monitor, flags -> kwargs, and 2-process gloo DDP runs."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import main_moco
+from smallssl.checkpoint import load_checkpoint_file
+from smallssl.heads import Encoder
+from smallssl.methods import METHODS
+from smallssl.methods.barlow import BarlowTwins, parse_sizes
+from smallssl.methods.byol import BYOL
+from smallssl.methods.simclr import SimCLR
+from smallssl.methods.simsiam import SimSiam, normalized_std
+from smallssl.optim import build_optimizer, param_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TinyBackbone(nn.Module):
+    """conv-BN-ReLU-pool: pooled (B, 8) features, enough to exercise every method at 16 x 16."""
+
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x))).mean((2, 3))
+
+
+def tiny_kwargs(name: str) -> dict:
+    """Small constructor arguments per method; a method added later without an entry is built with defaults."""
+    table = {
+        "moco": lambda: dict(dim=16, K=64, mlp="v2"),
+        "seed": lambda: dict(teacher=Encoder(TinyBackbone(), nn.Linear(8, 16)), dim=16, K=64),
+        "simclr": lambda: dict(dim=16, hidden_dim=32),
+        "byol": lambda: dict(dim=16, hidden_dim=32),
+        "simsiam": lambda: dict(dim=32, pred_dim=8, proj_layers=2),
+        "barlow": lambda: dict(projector=(32, 32)),
+    }
+    return table[name]() if name in table else {}
+
+
+def views(b: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 16, 16, generator=g), torch.randn(b, 3, 16, 16, generator=g)]
+
+
+# ------------------------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract_one_step(name):
+    torch.manual_seed(0)
+    try:
+        method = METHODS[name](TinyBackbone(), **tiny_kwargs(name))
+    except (TypeError, ValueError) as e:
+        pytest.fail(f"METHODS[{name!r}] cannot be built with defaults ({e}); add small kwargs to tiny_kwargs()")
+    assert isinstance(method.encoder_q, Encoder) and method.backbone is method.encoder_q.backbone
+    assert any(k.startswith("encoder_q.backbone.") for k in method.state_dict())  # what eval loads
+    if hasattr(method, "check_batch"):
+        method.check_batch(8)
+    before = {k: v.detach().clone() for k, v in method.encoder_q.named_parameters()}
+    opt = build_optimizer("sgd", param_groups(method, 1e-4), lr=0.5)
+    method.train()
+    out = method(views())
+    loss = out["loss"]
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
+    for k, v in out.items():
+        assert math.isfinite(float(torch.as_tensor(v).detach())), k
+    opt.zero_grad()
+    loss.backward()
+    for k, p in method.encoder_q.backbone.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"backbone {k} got no/non-finite gradient"
+    opt.step()
+    if hasattr(method, "after_step"):
+        method.after_step(step=0, total_steps=10)
+    changed = [k for k, v in method.encoder_q.named_parameters() if not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("head.") for k in changed)
+
+
+# ------------------------------------------------------------------------------------------------ BYOL
+def test_byol_ema_follows_the_cosine_schedule_exactly():
+    m = BYOL(TinyBackbone(), dim=4, hidden_dim=8, base_momentum=0.996)
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.fill_(1.0)
+        for p in m.encoder_k.parameters():
+            p.fill_(0.0)
+        m.encoder_q.backbone.bn.running_mean.fill_(3.0)
+    total, expect = 7, 0.0
+    for step in range(total):
+        m.after_step(step=step, total_steps=total)
+        tau = 1 - (1 - 0.996) * (math.cos(math.pi * step / total) + 1) / 2  # paper, section 3.2
+        expect = tau * expect + (1 - tau) * 1.0
+        assert m.momentum == pytest.approx(tau, abs=1e-12)
+        for p in m.encoder_k.parameters():
+            torch.testing.assert_close(p, torch.full_like(p, expect), rtol=1e-6, atol=1e-7)
+    assert m.encoder_k.backbone.bn.running_mean.eq(3.0).all()  # buffers are copied
+    m.after_step(step=total, total_steps=total)
+    assert m.momentum == 1.0
+    m.after_step(step=0, total_steps=total)
+    assert m.momentum == pytest.approx(0.996)
+
+
+def test_byol_target_gets_no_gradient_and_loss_is_symmetric():
+    torch.manual_seed(0)
+    m = BYOL(TinyBackbone(), dim=4, hidden_dim=8)
+    x1, x2 = views()
+    out = m([x1, x2])
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.encoder_k.parameters())
+    assert all(p.grad is not None for p in m.predictor.parameters())
+    assert 0.0 <= float(out["loss"].detach()) <= 8.0
+    torch.manual_seed(0)
+    m2 = BYOL(TinyBackbone(), dim=4, hidden_dim=8)
+    assert float(m2([x2, x1])["loss"].detach()) == pytest.approx(float(out["loss"].detach()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- SimSiam
+def _grads(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+def test_simsiam_stop_gradient_no_grad_through_target_branch():
+    torch.manual_seed(0)
+    m = SimSiam(TinyBackbone(), dim=16, pred_dim=4, proj_layers=2)
+    ref_detached, ref_full = copy.deepcopy(m), copy.deepcopy(m)
+    x1, x2 = views()
+    m([x1, x2])["loss"].backward()
+
+    def manual(mod, detach):
+        z1, z2 = mod.encoder_q(x1), mod.encoder_q(x2)
+        p1, p2 = mod.predictor(z1), mod.predictor(z2)
+        t1, t2 = (z1.detach(), z2.detach()) if detach else (z1, z2)
+        return -(F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean()) / 2
+
+    manual(ref_detached, True).backward()
+    manual(ref_full, False).backward()
+    for a, b in zip(_grads(m), _grads(ref_detached)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(_grads(m), _grads(ref_full)))
+
+
+def test_simsiam_std_detects_collapse():
+    z = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0))
+    assert float(normalized_std(z)) == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert float(normalized_std(torch.ones(16, 256) + 1e-9 * z[:16])) < 1e-6
+    out = SimSiam(TinyBackbone(), dim=16, pred_dim=4)(views())
+    assert 0.0 < float(out["std"]) <= 1.0 and -1.0 <= float(out["loss"].detach()) <= 1.0
+
+
+# ----------------------------------------------------------------------------------- validation, flags
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (SimCLR, dict(temperature=0.0), "temperature"),
+    (SimCLR, dict(dim=0), "dim"),
+    (BYOL, dict(base_momentum=1.5), "base_momentum"),
+    (BYOL, dict(hidden_dim=-1), "hidden_dim"),
+    (SimSiam, dict(proj_layers=0), "proj_layers"),
+    (SimSiam, dict(pred_dim=0), "pred_dim"),
+    (BarlowTwins, dict(lambd=-1.0), "lambd"),
+    (BarlowTwins, dict(projector=(16, 0)), "projector"),
+])
+def test_bad_kwargs_raise_value_error(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(TinyBackbone(), **kwargs)
+
+
+def test_two_views_required_and_barlow_batch_check():
+    for cls, kw in ((SimCLR, {}), (BYOL, dict(hidden_dim=8)), (SimSiam, dict(dim=8, pred_dim=4)),
+                    (BarlowTwins, dict(projector=(8,)))):
+        with pytest.raises(ValueError, match="2 views"):
+            cls(TinyBackbone(), **kw)(views() + views())
+    with pytest.raises(ValueError, match="batch"):
+        BarlowTwins(TinyBackbone(), projector=(8,)).check_batch(1)
+
+
+def test_parse_sizes():
+    assert parse_sizes("8192-8192-8192") == (8192, 8192, 8192) and parse_sizes("64") == (64,)
+    for bad in ("", "8192-", "a-b", "64-0"):
+        with pytest.raises(ValueError, match="dash-separated"):
+            parse_sizes(bad)
+
+
+def test_flags_become_kwargs():
+    def build(*flags):
+        args = main_moco.get_args_parser().parse_args(["DATA", *flags])
+        return main_moco.build_method(args, TinyBackbone())
+
+    m = build("--method", "simclr", "--simclr-t", "0.2", "--simclr-dim", "12", "--simclr-hidden", "24")
+    assert m.temperature == 0.2 and m.encoder_q.head[0].out_features == 24 and m.encoder_q.head[-1].out_features == 12
+    m = build("--method", "byol", "--byol-m", "0.99", "--byol-dim", "6", "--byol-hidden", "10")
+    assert m.base_momentum == 0.99 and m.predictor[0].out_features == 10 and m.predictor[-1].out_features == 6
+    m = build("--method", "simsiam", "--simsiam-dim", "20", "--simsiam-pred-dim", "5", "--simsiam-proj-layers", "2")
+    assert m.predictor[0].out_features == 5 and sum(isinstance(x, nn.Linear) for x in m.encoder_q.head) == 2
+    m = build("--method", "barlow", "--barlow-lambda", "0.01", "--barlow-proj", "16-16-9")
+    assert m.lambd == 0.01 and [x.out_features for x in m.encoder_q.head if isinstance(x, nn.Linear)] == [16, 16, 9]
+    defaults = main_moco.get_args_parser().parse_args(["DATA"])
+    assert (defaults.simclr_t, defaults.byol_m, defaults.barlow_lambda, defaults.barlow_proj) == \
+        (0.5, 0.996, 5e-3, "8192-8192-8192")
+
+
+# ---------------------------------------------------------------------------- 2-process gloo DDP runs
+DDP_FLAGS = {
+    "simclr": ["--simclr-dim", "16", "--simclr-hidden", "32"],
+    "byol": ["--byol-dim", "16", "--byol-hidden", "32"],
+    "simsiam": ["--simsiam-dim", "32", "--simsiam-pred-dim", "8", "--simsiam-proj-layers", "2"],
+    "barlow": ["--barlow-proj", "32-32"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DDP_FLAGS))
+def test_ddp_two_processes_gloo_via_main_moco(name, tiny_data, tmp_path):
+    """1 epoch of 2 steps (16 images, global batch 8 = 2 x 4) on 2 CPU processes; checkpoint in MoCo schema."""
+    from smallssl.backbones import create_backbone
+
+    cmd = [sys.executable, os.path.join(REPO, "main_moco.py"), tiny_data, "-a", "resnet18", "--image-size", "16",
+           "-b", "8", "-j", "0", "--subset", "16", "--epochs", "1", "--lr", "0.1", "--no-progress", "--seed", "1",
+           "--method", name, *DDP_FLAGS[name], "--multiprocessing-distributed", "--nproc-per-node", "2",
+           "--device", "cpu", "--ckpt-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load_checkpoint_file(tmp_path / "checkpoint_0001.pth.tar")
+    assert ckpt["method"] == name and ckpt["step"] == 2
+    state = ckpt["state_dict"]
+    torch.manual_seed(1)  # the trainer seeds, then builds the backbone first: its initial weights
+    init = create_backbone("resnet18", small_input=True).state_dict()
+    w = state["module.encoder_q.backbone.conv1.weight"]
+    assert not torch.equal(w, init["conv1.weight"])
+    if name == "byol":  # the EMA target moved, but only part of the way
+        k = state["module.encoder_k.backbone.conv1.weight"]
+        assert not torch.equal(k, init["conv1.weight"]) and not torch.equal(k, w)
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"])
+    if "replicas_in_sync" in log[0]:
+        assert log[0]["replicas_in_sync"]
