@@ -212,14 +212,14 @@ def _is_vissl(ckpt: Mapping) -> bool:
     return "classy_state_dict" in ckpt or ckpt.get("type") == "slice_list"
 
 
-def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool = True
+def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool = True, source: str | None = None
                  ) -> tuple[dict[str, torch.Tensor] | None, list[LoadReport]]:
     """Load a teacher backbone (strictly) from any supported layout; return (head tensors or None, reports).
 
     The head tensors have keys relative to the head (``0.weight``); None when the checkpoint has no
     projection head (torchvision / timm state dicts). Each load prints its :class:`LoadReport` summary.
     """
-    source = path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>"
+    source = source or (path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>")
     ckpt = load_checkpoint_file(path_or_ckpt) if isinstance(path_or_ckpt, str) else dict(path_or_ckpt)
     if _is_vissl(ckpt):
         try:
@@ -250,11 +250,13 @@ def _first_head(state: Mapping[str, torch.Tensor], prefixes: list[str]) -> dict[
     return None
 
 
-def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool = False, proj: str = "auto",
-                  dim: int = 128, seed: int = 0, verbose: bool = True) -> Encoder:
+def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool | None = None, proj: str = "auto",
+                  dim: int = 128, seed: int = 0, verbose: bool = True, default_small_input: bool = False) -> Encoder:
     """A frozen teacher ``Encoder(backbone, projection)`` in eval mode; see the module docstring for ``proj``.
 
-    ``arch`` None takes the ``arch`` entry of a smallssl / MoCo checkpoint.
+    ``arch`` None takes the ``arch`` entry of a smallssl / MoCo checkpoint. ``small_input`` (CIFAR stem) None
+    takes the stem the checkpoint was trained with (its ``args``: ``small_input``, else ``image_size <= 64``),
+    else ``default_small_input`` (the student's): a teacher may use another stem than its student.
     """
     if proj not in TEACHER_PROJ:
         raise ValueError(f"unknown teacher projection {proj!r}; choose one of {', '.join(TEACHER_PROJ)}")
@@ -267,11 +269,13 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool = Fal
     arch = arch or loaded.get("arch")
     if not arch:
         raise ValueError("the teacher checkpoint names no architecture: pass --teacher-arch")
+    if small_input is None:
+        small_input = _trained_small_input(loaded, default_small_input)
     backbone = create_backbone(arch, small_input=small_input)
     # A VISSL sliced index must be read from its path; everything else from the loaded dict.
-    head_state, reports = load_teacher(backbone, ckpt if _is_vissl(loaded) else loaded, verbose=verbose)
-    for r in reports:
-        r.source = ckpt if isinstance(ckpt, str) else r.source
+    source = ckpt if isinstance(ckpt, str) else "<dict>"
+    head_state, reports = load_teacher(backbone, ckpt if _is_vissl(loaded) else loaded, verbose=verbose,
+                                       source=source)
     if proj == "head" and head_state is None:
         raise CheckpointMismatchError("--teacher-proj head: the teacher checkpoint has no projection head "
                                       f"(choices: {', '.join(TEACHER_PROJ)})")
@@ -280,8 +284,7 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool = Fal
         why = f"fixed random projection {backbone.num_features} -> {dim} (seed {seed})"
     elif proj in ("auto", "head") and head_state is not None:
         head = head_from_state(head_state)
-        rep = load_state_with_report(head, head_state, source=f"{ckpt if isinstance(ckpt, str) else '<dict>'} "
-                                     "[teacher head]", prefix="", strict=True)
+        rep = load_state_with_report(head, head_state, source=f"{source} [teacher head]", prefix="", strict=True)
         if verbose:
             print(rep.summary())
         why = f"checkpoint projection head ({len(head_state)} tensors)"
@@ -292,5 +295,17 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool = Fal
     for p in teacher.parameters():
         p.requires_grad = False
     if verbose:
-        print(f"=> teacher {arch}: embedding = {why}")
+        print(f"=> teacher {arch} ({'CIFAR' if small_input else 'ImageNet'} stem): embedding = {why}")
     return teacher.eval()
+
+
+def _trained_small_input(ckpt: Mapping, default: bool) -> bool:
+    """The stem a smallssl checkpoint was trained with (from its saved ``args``), else ``default``."""
+    a = ckpt.get("args")
+    if not isinstance(a, Mapping):
+        return default
+    if a.get("small_input") is not None:
+        return bool(a["small_input"])
+    if a.get("image_size") is not None:
+        return int(a["image_size"]) <= 64
+    return default
