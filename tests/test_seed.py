@@ -317,3 +317,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for k, v in seed_ck["state_dict"].items():  # the teacher inside SEED is exactly the MoCo teacher
         if k.startswith("module.teacher.backbone."):
             assert torch.equal(v, teacher_ck["module.encoder_q." + k[len("module.teacher."):]]), k
+
+
+def test_teacher_stem_follows_its_checkpoint():
+    bb = _resnet18_state()  # ImageNet stem (7x7 conv1)
+    state = {f"module.encoder_q.backbone.{k}": v for k, v in bb.items()}
+    ck = {"arch": "resnet18", "state_dict": state, "args": {"small_input": False, "image_size": 32}}
+    t = build_teacher(None, ck, default_small_input=True, verbose=False)  # student: CIFAR stem; teacher: its own
+    assert t.backbone.conv1.kernel_size == (7, 7) and torch.equal(t.backbone.conv1.weight, bb["conv1.weight"])
+    ck["args"] = {"small_input": None, "image_size": 32}  # trained with the automatic CIFAR stem: does not fit
+    with pytest.raises(ValueError, match="does not fit"):
+        build_teacher(None, ck, verbose=False)
