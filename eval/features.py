@@ -119,7 +119,8 @@ def _dist_info() -> tuple[int, int]:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 256, workers: int = 0,
-                     device: torch.device | str | None = None, views: int = 1) -> tuple[torch.Tensor, ...]:
+                     device: torch.device | str | None = None, views: int = 1,
+                     progress: bool = False) -> tuple[torch.Tensor, ...]:
     """Features of every sample of ``dataset`` in dataset order.
 
     ``dataset[i]`` is ``(image, label)`` or, with ``views > 1``, ``([img_1, ..., img_v], label)``.
@@ -136,7 +137,10 @@ def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 256, 
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=workers)
     feats: list[list[torch.Tensor]] = [[] for _ in range(views)]
     labels = []
-    for images, target in loader:
+    every = max(1, len(loader) // 10)
+    for step, (images, target) in enumerate(loader):
+        if progress and rank == 0 and step % every == 0:
+            print(f"   batch {step}/{len(loader)}", flush=True)
         images = images if views > 1 else [images]
         for v in range(views):
             feats[v].append(model(images[v].to(device, non_blocking=True)).float().cpu())
@@ -221,7 +225,8 @@ def split_features(args: argparse.Namespace, model: nn.Module, folder: str, imag
         ds = ImageFolder(folder, transform)
         if per_class is not None:
             ds = Subset(ds, subsample_per_class(ds.targets, per_class))
-        return extract_features(model, ds, args.batch_size, args.workers, args.device)
+        print(f"=> extracting features of {folder} ({len(ds)} images)", flush=True)
+        return extract_features(model, ds, args.batch_size, args.workers, args.device, progress=True)
 
     return cached_features(key, compute, None if args.no_cache else args.feature_cache)
 
