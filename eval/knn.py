@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if tdist.is_initialized() and tdist.get_rank() != 0:
         return {}
     print(f"=> features: train {tuple(xtr.shape)}, val {tuple(xte.shape)} ({time.time() - t0:.1f}s)")
+    if args.backend == "torch":  # search where the model ran (GPU when there is one)
+        xtr, ytr, xte, yte = (t.to(args.device) for t in (xtr, ytr, xte, yte))
     split = f"{args.train_split}->{args.val_split}"
     results: dict[str, float] = {}
     if args.protocol in ("paper", "both"):
