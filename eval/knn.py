@@ -29,7 +29,7 @@ import torch.nn.functional as F
 REP_SPACES = ("original", "norm", "shifted-norm")
 _REP_ALIASES = {"shift-norm": "shifted-norm"}
 METRICS = ("ip", "l2")
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("auto", "torch", "faiss")
 
 
 # ------------------------------------------------------------------------------------------- search
@@ -87,12 +87,21 @@ def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, metric: str) 
     return s.to(test.device), i.to(test.device)
 
 
-def knn_search(train: torch.Tensor, test: torch.Tensor, k: int, metric: str = "ip", backend: str = "torch",
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn_search(train: torch.Tensor, test: torch.Tensor, k: int, metric: str = "ip", backend: str = "auto",
                query_chunk: int = 2048, bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest training rows of each test row.
 
     train: (N, D), test: (Q, D). ``metric="ip"``: largest inner product; ``"l2"``: smallest Euclidean
-    distance. Returns scores (Q, k) sorted descending (inner products, or negated squared distances) and
+    distance. ``backend="auto"``: faiss for CPU tensors when installed (faster there), torch otherwise.
+    Returns scores (Q, k) sorted descending (inner products, or negated squared distances) and
     indices (Q, k) into ``train``. ``k`` is clipped to N. Chunk sizes bound memory (Qc x Nb scores)
     and do not change the result.
     """
@@ -106,6 +115,8 @@ def knn_search(train: torch.Tensor, test: torch.Tensor, k: int, metric: str = "i
         raise ValueError(f"k, query_chunk and bank_chunk must be >= 1, got {k}, {query_chunk}, {bank_chunk}")
     k = min(k, train.shape[0])
     train, test = train.float(), test.float()
+    if backend == "auto":
+        backend = "faiss" if test.device.type == "cpu" and _has_faiss() else "torch"
     if backend == "faiss":
         return _faiss_search(train, test, k, metric)
     return _torch_search(train, test, k, metric, query_chunk, bank_chunk)
@@ -144,7 +155,7 @@ def best_nn_from_neighbors(neighbor_labels: torch.Tensor, test_labels: torch.Ten
 
 
 def best_nn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-            max_k: int = 101, rep_space: str = "original", backend: str = "torch",
+            max_k: int = 101, rep_space: str = "original", backend: str = "auto",
             query_chunk: int = 2048, bank_chunk: int = 16384) -> dict[str, float]:
     """The paper's best-NN (%) over odd k <= ``max_k``, Euclidean distance in ``rep_space``.
 
@@ -159,7 +170,7 @@ def best_nn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
 
 
 def dino_knn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-             k: int = 20, temperature: float = 0.07, backend: str = "torch", query_chunk: int = 2048,
+             k: int = 20, temperature: float = 0.07, backend: str = "auto", query_chunk: int = 2048,
              bank_chunk: int = 16384) -> dict[str, float]:
     """DINO's weighted kNN (%): cosine similarity, the k nearest vote with weight exp(sim / temperature).
 
@@ -200,7 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="paper", choices=["paper", "dino", "both"])
     p.add_argument("--rep-space", default="original", choices=list(REP_SPACES) + list(_REP_ALIASES))
     p.add_argument("--temperature", "-T", default=0.07, type=float, help="dino protocol vote temperature")
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: faiss on CPU if installed, else torch")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("-g", "--gpus", default=None, type=int,
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if tdist.is_initialized() and tdist.get_rank() != 0:
         return {}
     print(f"=> features: train {tuple(xtr.shape)}, val {tuple(xte.shape)} ({time.time() - t0:.1f}s)")
-    if args.backend == "torch":  # search where the model ran (GPU when there is one)
+    if args.backend != "faiss":  # search where the model ran (GPU when there is one)
         xtr, ytr, xte, yte = (t.to(args.device) for t in (xtr, ytr, xte, yte))
     split = f"{args.train_split}->{args.val_split}"
     results: dict[str, float] = {}
