@@ -40,6 +40,7 @@ from smallssl.methods import METHODS
 from smallssl.optim import build_optimizer, lr_at, param_groups, set_lr
 
 LAST_CKPT = "checkpoint_last.pth.tar"  # iteration-level checkpoint written on preemption
+SHARDED_PATTERN, SHARDED_LAST = "checkpoint_{epoch:04d}", "checkpoint_last"  # --fsdp: DCP directories
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,6 +144,38 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--barlow-lambda", default=5e-3, type=float, help="off-diagonal (redundancy) weight")
     g.add_argument("--barlow-proj", default="8192-8192-8192",
                    help="projector widths, dash-separated (e.g. 2048-2048 for small backbones)")
+    # SwAV / SEER (issue 6; Caron et al. 2020, Goyal et al. 2021). SwAV ImageNet: --optimizer lars
+    # --lr-per-256 0.3 (scaled to the global batch) --wd 1e-6 --warmup-epochs 10 --cos, multi-crop 2x224 + 6x96.
+    # SEER: --swav-prototypes 16000 --swav-epsilon 0.03 --swav-iters 10 --swav-dim 256 --wd 1e-5.
+    g = p.add_argument_group("swav")
+    g.add_argument("--swav-dim", default=128, type=int, help="embedding size (SEER 256)")
+    g.add_argument("--swav-hidden", default=2048, type=int, help="projection hidden size (0 = linear head)")
+    g.add_argument("--swav-head-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm in the projection head")
+    g.add_argument("--swav-prototypes", default=3000, type=int, help="number of prototypes K (SEER 16000)")
+    g.add_argument("--swav-t", default=0.1, type=float, help="softmax temperature")
+    g.add_argument("--swav-epsilon", default=0.05, type=float, help="Sinkhorn entropy regulariser (SEER 0.03)")
+    g.add_argument("--swav-iters", default=3, type=int, help="Sinkhorn iterations (SEER 10)")
+    g.add_argument("--swav-queue-length", default=0, type=int,
+                   help="global queue of embeddings for Sinkhorn (0 = none; SwAV 3840 for batch 256)")
+    g.add_argument("--swav-queue-start", default=15, type=int, help="first epoch that fills the queue")
+    g.add_argument("--freeze-prototypes-iters", default=313, type=int,
+                   help="steps during which the prototypes get no update")
+    g.add_argument("--crops-for-assign", default=[0, 1], nargs="+", type=int, help="crops whose codes are computed")
+    g.add_argument("--nmb-crops", default=[2, 6], nargs="+", type=int, help="crops per size group")
+    g.add_argument("--size-crops", default=None, nargs="+", type=int,
+                   help="crop side per group (default: --image-size, then 96/224 of it)")
+    g.add_argument("--min-scale-crops", default=[0.14, 0.05], nargs="+", type=float)
+    g.add_argument("--max-scale-crops", default=[1.0, 0.14], nargs="+", type=float)
+    # Large models and large batches (issue 6)
+    g = p.add_argument_group("scale")
+    g.add_argument("--lr-per-256", default=None, type=float,
+                   help="set --lr to this x global batch / 256 (linear scaling; SEER model card: 0.3)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 (fully_shard per residual block) instead of DDP; checkpoints become "
+                        "torch.distributed.checkpoint directories CKPT_DIR/checkpoint_NNNN/ (--resume DIR or auto)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each RegNet stage in the backward pass (regnety_* backbones)")
     return p
 
 
@@ -172,11 +205,22 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
                                 seed=args.seed, verbose=sdist.get_rank() == 0)
         return METHODS["seed"](backbone, teacher=teacher, dim=args.seed_dim, K=args.seed_k, T=args.seed_t,
                                teacher_T=args.seed_teacher_t, mlp=args.mlp)
+    if args.method == "swav":
+        return METHODS["swav"](backbone, dim=args.swav_dim, hidden_dim=args.swav_hidden, head_bn=args.swav_head_bn,
+                               n_prototypes=args.swav_prototypes, temperature=args.swav_t, epsilon=args.swav_epsilon,
+                               sinkhorn_iters=args.swav_iters, crops_for_assign=args.crops_for_assign,
+                               queue_length=args.swav_queue_length, queue_start_epoch=args.swav_queue_start,
+                               freeze_prototypes_iters=args.freeze_prototypes_iters)
     raise ValueError(f"no builder for method {args.method!r}; known: {', '.join(sorted(METHODS))}")
 
 
 def build_transform(args: argparse.Namespace):
     """The views each method trains on (a callable image -> list of tensors)."""
+    if args.method == "swav":  # multi-crop, views grouped by size, large first
+        from smallssl.multicrop import multicrop_transform
+
+        return multicrop_transform(swav_size_crops(args), args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
+                                   cj=args.cj, grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur)
     if args.method == "seed":  # SEED: student and teacher see the same single view
         from smallssl.data import MultiViewTransform
 
@@ -186,6 +230,13 @@ def build_transform(args: argparse.Namespace):
     return two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
                                         grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
                                         min_scale=args.min_crop_scale))
+
+
+def swav_size_crops(args: argparse.Namespace) -> list[int]:
+    """``--size-crops``, or by default ``--image-size`` for the first group and 96/224 of it for the others."""
+    if args.size_crops is not None:
+        return list(args.size_crops)
+    return [args.image_size] + [max(8, round(args.image_size * 96 / 224))] * (len(args.nmb_crops) - 1)
 
 
 # --------------------------------------------------------------------------------------- process layout
@@ -243,8 +294,11 @@ def validate_args(args) -> None:
                              f"Use e.g. --seed-k {max(gb, args.seed_k // gb * gb)}.")
     if args.restart and not args.resume:
         raise ValueError("--restart needs --resume CHECKPOINT (the weights to restart from)")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint file")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume) and not (
+            args.fsdp and os.path.isdir(args.resume)):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint file"
+                                + (" or sharded checkpoint directory" if args.fsdp else ""))
+    _validate_scale_args(args)
     if args.amp == "fp16" and not _use_cuda(args):
         raise ValueError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
 
@@ -314,6 +368,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     nproc = _procs_per_node(args) if world > 1 else 1
     batch = args.batch_size // nproc
     workers = (args.workers + nproc - 1) // nproc
+    if args.lr_per_256 is not None:  # linear scaling rule (Goyal et al. 2017); SEER: 0.3 per 256 images
+        args.lr = args.lr_per_256 * batch * world / 256
     torch.manual_seed(args.seed)  # same on every rank: identical init and queue
     random.seed(args.seed)
 
@@ -325,6 +381,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     method.to(device)
     if args.channels_last:
         method.to(memory_format=torch.channels_last)
+    if args.activation_checkpointing or args.fsdp:
+        _setup_fsdp(method, args)  # issue 6: before the optimizer, which must see the sharded parameters
 
     optimizer = build_optimizer(args.optimizer, param_groups(method, args.weight_decay,
                                                              exclude_bias_and_norm=args.optimizer == "lars"),
@@ -333,7 +391,11 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
 
     start_epoch, start_iter, step = args.start_epoch, 0, 0
     resume_path = _resolve_resume(args)
-    if resume_path:
+    if resume_path and args.fsdp:  # a sharded (DCP) checkpoint directory
+        start_epoch, start_iter, step = _resume_sharded(method, optimizer, resume_path, args)
+        if is_main:
+            print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
+    elif resume_path:
         ckpt = load_checkpoint_file(resume_path)
         if args.restart:
             if is_main:
@@ -345,7 +407,7 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
                 print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
 
     model = method
-    if world > 1:
+    if world > 1 and not args.fsdp:
         model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
                                                     else None, broadcast_buffers=False)
 
@@ -365,6 +427,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
         dataset.set_epoch(epoch)
+        if hasattr(method, "set_epoch"):  # e.g. SwAV's queue starts at an epoch
+            method.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                                              collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
                                              drop_last=True,  # own generator: its per-iterator base seed must
@@ -375,24 +439,29 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         start_iter = 0
         if stopped_at is not None:  # preempted: iteration-level checkpoint, then return
             path = os.path.join(args.ckpt_dir, LAST_CKPT)
-            if is_main:
+            if args.fsdp:  # collective: every rank writes its shards
+                path = _save_sharded(method, optimizer, epoch, stopped_at, step, args, SHARDED_LAST)
+            elif is_main:
                 atomic_save(_state(method, optimizer, scaler, epoch, stopped_at, step, args), path)
                 print(f"=> stop requested: saved {path} at epoch {epoch}, iteration {stopped_at}")
             sdist.barrier()
             return {"status": "preempted", "epoch": epoch, "iter": stopped_at, "checkpoint": path}
         stats.update(epoch=epoch, step=step)
-        if world > 1:
+        if world > 1 and not args.fsdp:  # FSDP holds one sharded copy: nothing to compare
             stats["replicas_in_sync"] = _replicas_in_sync(method, device)
         logger.log(stats)
         if is_main:
             print(f"=> epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in stats.items()))
-            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            if not args.fsdp and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
                 status["checkpoint"] = save_checkpoint(_state(method, optimizer, scaler, epoch + 1, 0, step, args),
                                                        args.ckpt_dir, epoch + 1, args.keep_last)
                 stale = os.path.join(args.ckpt_dir, LAST_CKPT)
                 if os.path.exists(stale):
                     os.remove(stale)
+        if args.fsdp and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):  # collective
+            status["checkpoint"] = _save_sharded(method, optimizer, epoch + 1, 0, step, args,
+                                                 SHARDED_PATTERN.format(epoch=epoch + 1))
         status.update(epoch=epoch + 1, **{k: v for k, v in stats.items() if k in ("loss", "acc1")})
         sdist.barrier()
     return status
@@ -427,12 +496,13 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
                 f"the update. Last good checkpoint: {last or 'none yet'}. Lower --lr, try --amp none, or check "
                 "the data; resume with --resume.")
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if hasattr(method, "before_optimizer_step"):  # e.g. SwAV drops its prototypes' gradient at first
+            method.before_optimizer_step(step=step)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         if hasattr(method, "after_step"):
             method.after_step(step=step, total_steps=args.epochs * steps_per_epoch)
@@ -479,6 +549,8 @@ def _state(method, optimizer, scaler, epoch: int, it: int, step: int, args) -> d
 
 
 def _resolve_resume(args) -> str | None:
+    if args.fsdp and args.resume == "auto":
+        return _latest_sharded(args.ckpt_dir)
     if args.resume != "auto":
         return args.resume or None
     candidates = [p for p in (latest_checkpoint(args.ckpt_dir), os.path.join(args.ckpt_dir, LAST_CKPT))
@@ -511,6 +583,114 @@ def _resume_exact(method, optimizer, scaler, ckpt: dict, path: str, args) -> tup
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return int(ckpt.get("epoch", 0)), int(ckpt.get("iter", 0)), int(ckpt.get("step", 0))
+
+
+# ------------------------------------------------------------------ FSDP2 and sharded checkpoints (issue 6)
+def _validate_scale_args(args) -> None:
+    if args.lr_per_256 is not None and args.lr_per_256 <= 0:
+        raise ValueError(f"--lr-per-256 must be > 0, got {args.lr_per_256}")
+    if args.method == "swav":
+        from smallssl.multicrop import multicrop_transform
+
+        multicrop_transform(swav_size_crops(args), args.nmb_crops, args.min_scale_crops, args.max_scale_crops)
+        if max(args.crops_for_assign) >= sum(args.nmb_crops):
+            raise ValueError(f"--crops-for-assign {args.crops_for_assign} must index the {sum(args.nmb_crops)} "
+                             f"crops of --nmb-crops {args.nmb_crops}")
+    if not args.fsdp:
+        return
+    supported = sorted(k for k, v in METHODS.items() if getattr(v, "supports_fsdp", False))
+    if args.method not in supported:
+        raise ValueError(f"--fsdp is not supported by --method {args.method}; methods with FSDP: "
+                         f"{', '.join(supported)} (use DDP: drop --fsdp)")
+    if not (args.multiprocessing_distributed or _env_distributed()):
+        raise ValueError("--fsdp shards over processes: add --multiprocessing-distributed (--nproc-per-node N) "
+                         "or launch with torchrun")
+    if args.restart:
+        raise ValueError("--restart with --fsdp is not supported: restart without --fsdp, or convert the "
+                         "checkpoint (python -m smallssl.convert) and resume a sharded run")
+    if args.amp == "fp16":
+        raise ValueError("--fsdp computes in bf16 (--amp bf16) or fp32 (--amp none), not fp16")
+
+
+def _setup_fsdp(method: nn.Module, args) -> None:
+    """Activation checkpointing per RegNet stage, then FSDP2 per residual block (bf16 compute with --amp bf16,
+    fp32 gradient reduction), in place."""
+    from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
+
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(method)
+    if args.fsdp:
+        fsdp_wrap(method, param_dtype=torch.bfloat16 if args.amp == "bf16" else None, reduce_dtype=torch.float32)
+
+
+def _save_sharded(method, optimizer, epoch: int, it: int, step: int, args, name: str) -> str:
+    """Collective: ``CKPT_DIR/name/`` as a DCP checkpoint (model + optimizer shards, rank 0's extras); written
+    to a temporary directory and renamed, then older epoch directories beyond ``--keep-last`` are removed."""
+    import pickle
+    import shutil
+
+    from smallssl.fsdp import save_sharded
+
+    final = os.path.join(args.ckpt_dir, name)
+    tmp = final + ".tmp"
+    if sdist.is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    sdist.barrier()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    save_sharded(tmp, method, optimizer, extra={
+        "epoch": epoch, "iter": it, "step": step, "arch": args.arch, "method": args.method,
+        "rng": pickle.dumps(rng), "args": vars(args)})
+    sdist.barrier()
+    if sdist.is_main_process():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if it == 0:
+            shutil.rmtree(os.path.join(args.ckpt_dir, SHARDED_LAST), ignore_errors=True)
+            if args.keep_last > 0:
+                for old in _sharded_epochs(args.ckpt_dir)[:-args.keep_last]:
+                    shutil.rmtree(old)
+        print(f"=> saved sharded checkpoint {final} (epoch {epoch}, iteration {it})")
+    sdist.barrier()
+    return final
+
+
+def _sharded_epochs(ckpt_dir: str) -> list[str]:
+    import re
+
+    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"checkpoint_\d{4}", n)) \
+        if os.path.isdir(ckpt_dir) else []
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def _latest_sharded(ckpt_dir: str) -> str | None:
+    """--resume auto with --fsdp: the preemption directory if present (it is newer), else the last epoch's."""
+    last = os.path.join(ckpt_dir, SHARDED_LAST)
+    epochs = _sharded_epochs(ckpt_dir)
+    found = last if os.path.isdir(last) else (epochs[-1] if epochs else None)
+    if found is None:
+        print(f"=> --resume auto: no sharded checkpoint in {ckpt_dir!r}, starting from scratch")
+    return found
+
+
+def _resume_sharded(method, optimizer, path: str, args) -> tuple[int, int, int]:
+    """Collective: load model + optimizer shards and the RNG state; returns (epoch, iteration, step)."""
+    import pickle
+
+    from smallssl.fsdp import load_sharded
+
+    try:
+        extra = load_sharded(path, method, optimizer)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointMismatchError(f"--resume {path!r} does not fit this model / optimizer ({e})") from e
+    if extra.get("arch") not in (None, args.arch) or extra.get("method", args.method) != args.method:
+        raise CheckpointMismatchError(f"--resume {path!r} was trained with -a {extra.get('arch')} --method "
+                                      f"{extra.get('method')}, not -a {args.arch} --method {args.method}")
+    if extra.get("rng"):
+        rng = pickle.loads(extra["rng"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+    return int(extra.get("epoch", 0)), int(extra.get("iter", 0)), int(extra.get("step", 0))
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -136,3 +136,33 @@ def seed_distill_reference(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor
     logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1)  # B x (1+K)
     logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1)  # B x (1+K)
     return soft_cross_entropy(logits_s / student_temperature, logits_t / teacher_temperature)
+
+
+# ------------------------------------------------------------------------------------------------- SwAV
+def swav_loss(scores_per_crop: list[torch.Tensor], codes: list[torch.Tensor], temperature: float = 0.1,
+              crops_for_assign: list[int] | None = None) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al., NeurIPS 2020, arXiv:2006.09882, eq. 1-2).
+
+    scores_per_crop: V tensors (B, K) of prototype scores ``z_v . c_k`` (normalised embeddings and
+    prototypes); codes: one (B, K) code matrix per assigned crop (rows sum to 1, no gradient), computed from
+    crop ``crops_for_assign[i]`` (default ``0 .. len(codes) - 1``, the large crops). For each assigned crop
+    ``s`` the codes ``q_s`` are predicted from every other crop ``v != s``::
+
+        loss = mean_s mean_{v != s} mean_b  -sum_k q_s[b, k] log softmax(scores_v[b] / T)_k
+
+    Computed in fp32. Returns a scalar.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n_crops = len(scores_per_crop)
+    assign = list(range(len(codes))) if crops_for_assign is None else list(crops_for_assign)
+    if len(assign) != len(codes) or not assign or n_crops < 2 or any(not 0 <= c < n_crops for c in assign):
+        raise ValueError(f"need >= 2 crops and one code matrix per assigned crop in 0..{n_crops - 1}; got "
+                         f"{n_crops} crops, {len(codes)} codes, crops_for_assign={assign}")
+    log_p = [torch.log_softmax(s.float() / temperature, dim=1) for s in scores_per_crop]
+    total = scores_per_crop[0].new_zeros((), dtype=torch.float32)
+    for q, s in zip(codes, assign):
+        q = q.detach().float()
+        sub = sum(-(q * log_p[v]).sum(1).mean() for v in range(n_crops) if v != s)
+        total = total + sub / (n_crops - 1)
+    return total / len(assign)

@@ -18,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: b
         (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+        # "lars": False is the key smallssl.lars.LARS reads (no trust ratio); "lars_exclude" kept for compatibility
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lars": False})
     return groups
 
 

@@ -11,6 +11,7 @@ from .moco import MoCo
 from .seed import SEED
 from .simclr import SimCLR
 from .simsiam import SimSiam
+from .swav import SwAV
 
 METHODS: dict[str, type[nn.Module]] = {
     "moco": MoCo,
@@ -19,4 +20,5 @@ METHODS: dict[str, type[nn.Module]] = {
     "byol": BYOL,
     "simsiam": SimSiam,
     "barlow": BarlowTwins,
+    "swav": SwAV,
 }
