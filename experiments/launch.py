@@ -174,8 +174,8 @@ class SweepJob:
     dumps the new submission, runs ``scontrol requeue`` and exits. Other ranks wait to be stopped by the requeue.
     """
 
-    def __init__(self, argv: list[str], name: str = "", rank_wait_s: float = 120.0):
-        self.argv, self.name, self.rank_wait_s = list(argv), name, rank_wait_s
+    def __init__(self, argv: list[str], name: str = "", threads: int | None = None, rank_wait_s: float = 120.0):
+        self.argv, self.name, self.threads, self.rank_wait_s = list(argv), name, threads, rank_wait_s
 
     def resume_args(self) -> argparse.Namespace:
         """The point's args with ``--resume auto`` (a first-start ``--resume X --restart`` is kept until a
@@ -190,8 +190,10 @@ class SweepJob:
 
     def __call__(self) -> dict:
         import submitit
+        import torch
 
         preempt.clear()
+        old_threads = torch.get_num_threads()
         previous = signal.signal(signal.SIGUSR2, preempt.request_stop)  # replaces submitit's handler
         env = _job_env()
         info: dict[str, Any] = {"point": self.name, "rank": 0, "world_size": 1,
@@ -201,16 +203,16 @@ class SweepJob:
             if env is not None:
                 submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
                 info.update(rank=env.global_rank, world_size=env.num_tasks, job_id=env.job_id)
-            if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the CPUs Slurm gave us, not all of the node's
-                import torch
-
-                torch.set_num_threads(max(1, int(os.environ["SLURM_CPUS_PER_TASK"])))
+            threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
+            if threads:  # use the CPUs the job asked for, not all of the node's
+                torch.set_num_threads(threads)
             args = self.resume_args()
             if info["rank"] == 0:
                 _append_json(os.path.join(args.ckpt_dir, "launcher.jsonl"), {**info, "time": time.time()})
             result = dict(main_moco.main(args) or {})
         finally:
             signal.signal(signal.SIGUSR2, previous if previous is not None else signal.SIG_DFL)
+            torch.set_num_threads(old_threads)
         result.update(info)
         if result.get("status") == "preempted":
             self._requeue(previous, info["rank"])
@@ -237,7 +239,7 @@ class SweepJob:
         import submitit
 
         preempt.request_stop()
-        return submitit.helpers.DelayedSubmission(SweepJob(self.argv, self.name, self.rank_wait_s))
+        return submitit.helpers.DelayedSubmission(SweepJob(self.argv, self.name, self.threads, self.rank_wait_s))
 
 
 def _job_env():
@@ -314,16 +316,16 @@ def launch(sweep: Sweep | str | os.PathLike, cluster: str | None = None, dry_run
     executor = submitit.AutoExecutor(folder=os.path.join(root, "_submitit", "%j"), cluster=cluster)
     executor.update_parameters(**params)
     with executor.batch():  # one job array on Slurm
-        jobs = [executor.submit(SweepJob(p.argv, p.name)) for p in points]
-    _write_manifest(root, sweep, points, jobs)
+        jobs = [executor.submit(SweepJob(p.argv, p.name, threads=params["cpus_per_task"])) for p in points]
+    _write_manifest(root, sweep, points, jobs, executor.cluster)
     for p, j in zip(points, jobs):
         print(f"submitted {p.name}: job {j.job_id}")
     return jobs
 
 
-def _write_manifest(root: str, sweep: Sweep, points: list[Point], jobs: list) -> None:
+def _write_manifest(root: str, sweep: Sweep, points: list[Point], jobs: list, cluster: str) -> None:
     os.makedirs(root, exist_ok=True)
-    manifest = {"sweep": sweep.name, "time": time.time(),
+    manifest = {"sweep": sweep.name, "cluster": cluster, "time": time.time(),
                 "points": [{"name": p.name, "overrides": {k: v for k, v in p.overrides.items()}, "argv": p.argv,
                             "out_dir": p.out_dir, "job_id": str(j.job_id)} for p, j in zip(points, jobs)]}
     with open(os.path.join(root, "launch.json"), "w") as f:
@@ -373,11 +375,13 @@ def collect(sweep: Sweep | str | os.PathLike, output_root: str | None = None) ->
     root = output_root_of(sweep, output_root)
     points = build_points(sweep, root)
     jobs: dict[str, str] = {}
+    cluster = None
     manifest = os.path.join(root, "launch.json")
     if os.path.isfile(manifest):
         with open(manifest) as f:
-            jobs = {p["name"]: p.get("job_id") for p in json.load(f).get("points", [])}
-    slurm_states = _slurm_states(list(jobs.values()))
+            m = json.load(f)
+        jobs, cluster = {p["name"]: p.get("job_id") for p in m.get("points", [])}, m.get("cluster")
+    slurm_states = _slurm_states(list(jobs.values())) if cluster == "slurm" else {}
     rows = ["| point | epochs | loss | kNN | img/s | state | job |", "|---|---|---|---|---|---|---|"]
     for p in points:
         epochs = validate_argv(p.argv).epochs

@@ -180,10 +180,19 @@ start_slurmctld() {
     wait_for 30 slurmctld scontrol ping
 }
 
+node_ready() {  # 0 once the node takes jobs; a node left drained/down by an unclean stop is resumed
+    local state
+    state=$(sinfo -h -N -o %T 2>/dev/null | head -1)
+    case $state in
+        idle* | mixed* | allocated* | completing*) return 0 ;;
+        drain* | down*) scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true ;;
+    esac
+    return 1
+}
+
 start_slurmd() {
-    alive "$STATE/run/slurmd.pid" && return 0
-    slurmd -f "$CONF" 2>>"$STATE/log/slurmd.log"
-    wait_for 30 "node $(hostname -s) to be idle" bash -c "sinfo -h -N -o %T | grep -qE '^(idle|mixed|allocated)'"
+    alive "$STATE/run/slurmd.pid" || slurmd -f "$CONF" 2>>"$STATE/log/slurmd.log"
+    wait_for 30 "node $(hostname -s) to take jobs" node_ready
 }
 
 cmd_start() {
@@ -196,26 +205,36 @@ cmd_start() {
     start_slurmdbd
     start_slurmctld
     start_slurmd
-    # A node left DOWN/DRAIN by an earlier unclean stop comes back here.
-    scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
     log "running (state in $STATE; export SLURM_CONF=$CONF)"
 }
 
-stop_pidfile() {  # stop_pidfile NAME: SIGTERM the pid in $STATE/run/NAME.pid, wait, then SIGKILL
-    local f=$STATE/run/$1.pid pid i
-    alive "$f" || { rm -f "$f"; return 0; }
-    pid=$(cat "$f")
-    kill "$pid" 2>/dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && { log "$1 ignored SIGTERM; SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
-    rm -f "$f"
+stop_pidfiles() {  # stop_pidfiles NAME...: SIGTERM the pids in $STATE/run/NAME.pid together, wait, then SIGKILL
+    local name pids=() i pid
+    for name in "$@"; do
+        alive "$STATE/run/$name.pid" && pids+=("$(cat "$STATE/run/$name.pid")")
+    done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for i in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && { log "pid $pid ignored SIGTERM; SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
+    done
+    for name in "$@"; do rm -f "$STATE/run/$name.pid"; done
 }
 
 cmd_stop() {
-    if alive "$STATE/run/slurmctld.pid"; then
+    if alive "$STATE/run/slurmctld.pid" && alive "$STATE/run/slurmd.pid"; then
         squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
+        # Let the steps finish and report first: a slurmstepd whose slurmctld/slurmd vanished retries forever.
+        local end=$((SECONDS + 60))
+        while [[ -n $(squeue -h -o %A 2>/dev/null) ]] && ((SECONDS < end)); do sleep 0.5; done
     fi
-    for d in slurmd slurmctld slurmdbd mariadbd munged; do stop_pidfile "$d"; done
+    # in dependency order, each layer in parallel: Slurm daemons, then accounting, then database and munge
+    stop_pidfiles slurmd slurmctld
+    stop_pidfiles slurmdbd
+    stop_pidfiles mariadbd munged
+    if compgen -G "$STATE/spool/$(hostname -s)_*" >/dev/null; then
+        log "warning: job steps still registered in $STATE/spool (their slurmstepd finishes after the next start)"
+    fi
     log "stopped"
 }
 

@@ -2,8 +2,8 @@
 
 The `slurm` tests start a one-node Slurm with scripts/slurm_local.sh (root + apt; skipped with the reason
 otherwise, or failed when SMALLSSL_REQUIRE_SLURM=1) and submit every job up front so that they share the
-two CPU cores: a 2-point grid of tiny MoCo runs, a 2-task DDP (gloo) job, and a pair of identical runs one
-of which gets `scancel --signal=USR2` mid-training, is requeued and must end with bit-identical weights.
+two CPU cores: a 2-point grid of tiny MoCo runs, and a pair of identical 2-task DDP (gloo) runs, one of
+which gets `scancel --signal=USR2` mid-training, is requeued and must end with bit-identical weights.
 """
 
 from __future__ import annotations
@@ -133,6 +133,30 @@ def test_resume_args_auto_and_first_start_restart(tmp_path):
     assert (a.resume, a.restart) == ("auto", False)  # requeued: resume this run exactly
 
 
+def test_checkpoint_only_requests_a_stop_and_resubmits_the_same_point(tmp_path):
+    from smallssl import preempt
+
+    preempt.clear()
+    job = L.SweepJob(["DATA", "--ckpt-dir", str(tmp_path / "run")], "p", threads=3)
+    delayed = job.checkpoint()
+    try:
+        assert preempt.stop_requested()  # the training loop saves at its next step boundary
+    finally:
+        preempt.clear()
+    new = delayed.function
+    assert isinstance(new, L.SweepJob) and (new.argv, new.name, new.threads) == (job.argv, "p", 3)
+    assert not (tmp_path / "run").exists()  # nothing saved inside the signal handler
+
+
+def test_requeue_hands_over_to_submitit_on_rank0_only():
+    calls = []
+    job = L.SweepJob(["DATA"], rank_wait_s=0.0)
+    job._requeue(lambda signum, frame: calls.append(signum), rank=0)
+    job._requeue(lambda signum, frame: calls.append(("rank1", signum)), rank=1)
+    job._requeue(None, rank=0)  # not under submitit: nothing to do
+    assert calls == [L.signal.SIGUSR2]
+
+
 def test_collect_table_from_logs(tmp_path, capsys):
     sweep = _write_sweep(tmp_path / "s.py", ["DATA", "--epochs", "2"], {"--lr": [0.1, 0.2, 0.3]})
     root = tmp_path / "out"
@@ -210,17 +234,15 @@ def slurm_jobs(local_slurm, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("SMALLSSL_TINY_DATA", str(tmp / "tiny"))
     tiny = L.load_sweep(TINY)  # creates the 2 x 16 synthetic 16x16 PNGs
     jobs = {}
-    # a pair of identical 3-epoch runs (print-freq changes nothing); the second one gets USR2
+    # a pair of identical 3-epoch 2-task DDP runs (print-freq changes nothing); the second one gets USR2
     base = [a for a in tiny.base] + ["--epochs", "3"]
-    pair = L.Sweep("requeue", base, {"--print-freq": [100, 101]}, {**tiny.slurm, "timeout_min": 30})
+    pair = L.Sweep("requeue", base, {"--print-freq": [100, 101]}, {**tiny.slurm, "tasks_per_node": 2})
     jobs["requeue"] = (tmp / "requeue", L.launch(pair, cluster="slurm", output_root=str(tmp / "requeue")))
     jobs["grid"] = (tmp / "grid", L.launch(tiny, cluster="slurm", output_root=str(tmp / "grid")))
-    ddp = L.Sweep("ddp", base, {}, {**tiny.slurm, "tasks_per_node": 2})
-    jobs["ddp"] = (tmp / "ddp", L.launch(ddp, cluster="slurm", output_root=str(tmp / "ddp")))
     yield jobs
-    for _, js in jobs.values():
+    for _, js in jobs.values():  # a failed test leaves no job behind (finished ones are left to end by themselves)
         for j in js:
-            if not j.done():
+            if not j.paths.result_pickle.exists() and not j.done():
                 j.cancel(check=False)
 
 
@@ -245,10 +267,10 @@ def test_usr2_requeues_and_resumes_to_identical_weights(slurm_jobs):
         assert not victim.done(), victim.stderr()
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR2", str(victim.job_id)], check=True, timeout=60)
-    r_ref, r_victim = ref.result(), victim.result()
-    assert r_ref["status"] == r_victim["status"] == "finished"
-    assert r_ref["restart_count"] == 0
-    assert r_victim["restart_count"] == 1, f"not requeued (signal too late?):\n{victim.stdout()}"
+    r_ref, r_victim = ref.results(), victim.results()  # one result per task
+    assert [r["status"] for r in r_ref + r_victim] == ["finished"] * 4
+    assert [r["restart_count"] for r in r_ref] == [0, 0]
+    assert [r["restart_count"] for r in r_victim] == [1, 1], f"not requeued (signal too late?):\n{victim.stdout()}"
     starts = [json.loads(x) for x in marker.read_text().splitlines()]
     assert [s["restart_count"] for s in starts] == [0, 1]
     out = victim.stdout()
@@ -284,14 +306,15 @@ def test_grid_of_two_finishes_and_collect_shows_both(slurm_jobs, capsys):
 
 @pytest.mark.slurm
 def test_two_task_job_trains_with_ddp_and_ranks_agree(slurm_jobs):
-    root, (job,) = slurm_jobs["ddp"]
-    results = job.results()  # one per task
-    assert sorted(r["rank"] for r in results) == [0, 1]
-    assert all(r["world_size"] == 2 and r["status"] == "finished" and r["epoch"] == 3 for r in results)
-    log = [json.loads(x) for x in (root / "base" / "log.jsonl").read_text().splitlines()]
-    assert [rec["epoch"] for rec in log] == [0, 1, 2]
-    # all-gathered parameter and queue sums are equal on both ranks after every epoch (main_moco checks)
-    assert all(rec["replicas_in_sync"] is True for rec in log)
-    assert [rec["step"] for rec in log] == [4, 8, 12]  # 32 images / (4 per rank x 2 ranks)
-    ckpt = torch.load(root / "base" / "checkpoint_0003.pth.tar", map_location="cpu", weights_only=False)
-    assert ckpt["step"] == 12 and int(ckpt["state_dict"]["module.queue_ptr"]) == (12 * 8) % 64
+    root, jobs = slurm_jobs["requeue"]  # both jobs of the requeue pair are 2-task DDP jobs
+    for job, name in zip(jobs, ["print-freq=100", "print-freq=101"]):
+        results = job.results()  # one per task
+        assert [r["rank"] for r in results] == [0, 1]
+        assert all(r["world_size"] == 2 and r["status"] == "finished" and r["epoch"] == 3 for r in results)
+        log = [json.loads(x) for x in (root / name / "log.jsonl").read_text().splitlines()]
+        assert [rec["epoch"] for rec in log] == [0, 1, 2]
+        # all-gathered parameter and queue sums are equal on both ranks after every epoch (main_moco checks)
+        assert all(rec["replicas_in_sync"] is True for rec in log)
+        assert [rec["step"] for rec in log] == [4, 8, 12]  # 32 images / (4 per rank x 2 ranks)
+        ckpt = torch.load(root / name / "checkpoint_0003.pth.tar", map_location="cpu", weights_only=False)
+        assert ckpt["step"] == 12 and int(ckpt["state_dict"]["module.queue_ptr"]) == (12 * 8) % 64
