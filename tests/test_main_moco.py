@@ -202,3 +202,15 @@ def test_seed004_command_shrunk_on_cifar10(tmp_path):
     assert any(k.startswith("module.encoder_q.") for k in ckpt["state_dict"])
     assert any(k.startswith("module.encoder_k.") for k in ckpt["state_dict"])
     assert ckpt["state_dict"]["module.queue"].shape == (64, 128)
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_WORLD_SIZE: -b is per node and split over its 2 processes."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [sys.executable, torchrun, "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "main_moco.py"), tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 4 x 2 process(es)" in r.stdout
+    ckpt = load_checkpoint_file(tmp_path / "checkpoint_0001.pth.tar")
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 0  # 4 steps x 8 keys = 32 = K
