@@ -474,7 +474,7 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
 
     model.train()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    sums = {"loss": 0.0, "acc1": 0.0}
+    sums: dict[str, float] = {}
     n_steps, n_images, n_skipped, t0 = 0, 0, 0, time.time()
     lr = args.lr
     bar = tqdm(total=steps_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not is_main
@@ -509,9 +509,9 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
         step += 1
         n_steps += 1
         n_images += views[0].shape[0] * sdist.get_world_size()
-        for k in sums:
-            if k in out:
-                sums[k] += float(out[k].detach())
+        for k, v in out.items():  # every scalar the method reports (loss, acc1, std, tau, ...) is averaged
+            if (isinstance(v, torch.Tensor) and v.numel() == 1) or isinstance(v, (int, float)):
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
         if is_main and i % args.print_freq == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", acc1=f"{float(out.get('acc1', 0)):.1f}", lr=f"{lr:.3g}")
         bar.update(1)
@@ -638,6 +638,7 @@ def _save_sharded(method, optimizer, epoch: int, it: int, step: int, args, name:
         os.makedirs(tmp)
     sdist.barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    _complete_optimizer_state(optimizer)
     save_sharded(tmp, method, optimizer, extra={
         "epoch": epoch, "iter": it, "step": step, "arch": args.arch, "method": args.method,
         "rng": pickle.dumps(rng), "args": vars(args)})
@@ -653,6 +654,22 @@ def _save_sharded(method, optimizer, epoch: int, it: int, step: int, args, name:
         print(f"=> saved sharded checkpoint {final} (epoch {epoch}, iteration {it})")
     sdist.barrier()
     return final
+
+
+@torch.no_grad()
+def _complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter that has had no gradient yet (SwAV's frozen prototypes) the state its first step
+    would start from: a zero momentum buffer (SGD / LARS: ``0 * m + d = d``, bit-identical to no buffer) or
+    AdamW's zero moments at step 0. DCP loads into a fully initialised optimizer and needs every key."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                continue
+            if isinstance(optimizer, torch.optim.AdamW):
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+            elif group.get("momentum", 0):
+                optimizer.state[p] = {"momentum_buffer": torch.zeros_like(p)}
 
 
 def _sharded_epochs(ckpt_dir: str) -> list[str]:
