@@ -220,8 +220,10 @@ class SweepJob:
 
     def _requeue(self, submitit_handler, rank: int) -> None:
         """After the iteration-level save: let submitit checkpoint + requeue (rank 0), or wait for it."""
-        if not callable(submitit_handler):  # not under submitit (plain call / debug executor): just return
-            return
+        from submitit.core.job_environment import SignalHandler
+
+        if not isinstance(getattr(submitit_handler, "__self__", None), SignalHandler):
+            return  # not under submitit's signal handling (plain call, debug executor): nothing to requeue
         if rank != 0:
             # The requeue stops every task of the job; returning early would write a stale result file.
             time.sleep(self.rank_wait_s)

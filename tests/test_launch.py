@@ -149,12 +149,23 @@ def test_checkpoint_only_requests_a_stop_and_resubmits_the_same_point(tmp_path):
 
 
 def test_requeue_hands_over_to_submitit_on_rank0_only():
-    calls = []
+    from submitit.core.job_environment import SignalHandler
+
+    class FakeHandler(SignalHandler):  # records instead of checkpoint + scontrol requeue + exit
+        def __init__(self):
+            self.calls = []
+
+        def checkpoint_and_try_requeue(self, signum, frame=None):
+            self.calls.append(signum)
+
     job = L.SweepJob(["DATA"], rank_wait_s=0.0)
-    job._requeue(lambda signum, frame: calls.append(signum), rank=0)
-    job._requeue(lambda signum, frame: calls.append(("rank1", signum)), rank=1)
-    job._requeue(None, rank=0)  # not under submitit: nothing to do
-    assert calls == [L.signal.SIGUSR2]
+    h0, h1 = FakeHandler(), FakeHandler()
+    job._requeue(h0.checkpoint_and_try_requeue, rank=0)
+    job._requeue(h1.checkpoint_and_try_requeue, rank=1)
+    other = []
+    job._requeue(lambda signum, frame: other.append(signum), rank=0)  # someone else's handler: not called
+    job._requeue(L.signal.SIG_DFL, rank=0)
+    assert (h0.calls, h1.calls, other) == ([L.signal.SIGUSR2], [], [])
 
 
 def test_collect_table_from_logs(tmp_path, capsys):
