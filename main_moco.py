@@ -246,8 +246,9 @@ def _env_distributed() -> bool:
 
 def _procs_per_node(args) -> int:
     if _env_distributed():
-        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0]
-                   or os.environ["WORLD_SIZE"])
+        # torchrun sets LOCAL_WORLD_SIZE; Slurm sets SLURM_NTASKS_PER_NODE (e.g. "2" or "2(x3)"); else one node.
+        local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        return int(local) if local and int(local) > 0 else int(os.environ["WORLD_SIZE"])
     if args.multiprocessing_distributed:
         if args.nproc_per_node:
             return args.nproc_per_node

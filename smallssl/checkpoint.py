@@ -201,6 +201,10 @@ def load_backbone(backbone: nn.Module, path_or_ckpt: str | Mapping, strict: bool
         source, ckpt = path_or_ckpt, load_checkpoint_file(path_or_ckpt)
     else:
         source, ckpt = "<dict>", path_or_ckpt
+    if "classy_state_dict" in ckpt or ckpt.get("type") == "slice_list":  # VISSL / SEER (consolidated or sliced)
+        from .vissl import load_vissl_trunk
+
+        return load_vissl_trunk(backbone, path_or_ckpt, strict=strict, verbose=verbose)
     state = state_dict_of(ckpt)
     prefer = ("module.encoder_q.backbone.", "encoder_q.backbone.", "module.encoder_q.", "encoder_q.",
               "module.student.backbone.", "module.student.", "student.", "module.backbone.", "backbone.",

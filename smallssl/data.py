@@ -162,6 +162,10 @@ class SeededViews(Dataset):
 
     def __getitem__(self, index: int):
         s = _mix_seed(self.seed, self.epoch, index)
+        if torch.utils.data.get_worker_info() is not None:  # a loader worker: nothing to restore, skip the cost
+            torch.manual_seed(s)
+            random.seed(s)
+            return self.dataset[index]
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)

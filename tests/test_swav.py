@@ -280,11 +280,11 @@ def test_swav_and_vissl_checkpoints_load_as_seed_teacher_and_in_eval(tmp_path):
             torch.testing.assert_close(teacher(x), emb)  # backbone and SwAV projection head
         student = SEED(create_backbone("regnety_tiny", small_input=True), teacher=teacher, dim=16, K=8)
         assert torch.isfinite(student([x[:2]])["loss"])
-    # eval.linear / eval.knn build the frozen backbone with eval.features.build_model (load_backbone); a VISSL
-    # file goes through the converter first
+    # eval.linear / eval.knn build the frozen backbone with eval.features.build_model (load_backbone): the VISSL
+    # file loads directly and after conversion
     out = str(tmp_path / "seer_smallssl.pth.tar")
     convert(["vissl2smallssl", vissl_path, out, "--arch", "regnety_tiny"])
-    for ckpt in (swav_path, out):
+    for ckpt in (swav_path, out, vissl_path):
         backbone = build_model("regnety_tiny", ckpt, small_input=True, image_size=16, verbose=False)
         with torch.no_grad():
             torch.testing.assert_close(backbone(x), feat)
