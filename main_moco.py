@@ -30,17 +30,17 @@ from torch.multiprocessing.spawn import ProcessException
 from smallssl import dist as sdist
 from smallssl import preempt
 from smallssl.backbones import BACKBONES, create_backbone
-from smallssl.checkpoint import (CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
-                                 load_checkpoint_file, restart_load, save_checkpoint, state_dict_of)
+from smallssl.checkpoint import (CheckpointError, atomic_save, latest_checkpoint,
+                                 load_checkpoint_file, restart_load, save_checkpoint)
 from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder, SeededViews, collate_skip_bad,
                            fixed_subset, pretrain_transform, two_crops)
 from smallssl.heads import HEADS
 from smallssl.logging import RunLogger
 from smallssl.methods import METHODS
 from smallssl.optim import build_optimizer, lr_at, param_groups, set_lr
+from smallssl.train_state import (LAST_CKPT, SHARDED_LAST, SHARDED_PATTERN, all_rng_states, resolve_resume,
+                                  resume_exact, resume_sharded, save_sharded_checkpoint, training_state)
 
-LAST_CKPT = "checkpoint_last.pth.tar"  # iteration-level checkpoint written on preemption
-SHARDED_PATTERN, SHARDED_LAST = "checkpoint_{epoch:04d}", "checkpoint_last"  # --fsdp: DCP directories
 
 
 class NonFiniteLossError(RuntimeError):
@@ -278,6 +278,12 @@ def validate_args(args) -> None:
         raise FileNotFoundError(f"training images not found: {train_dir!r} does not exist. Pass the dataset root "
                                 "that contains train/<class>/<image> (e.g. an unpacked ../shared/data tarball).")
     create_backbone_check(args.arch)
+    for flag, value, low in (("--print-freq", args.print_freq, 1), ("--save-freq", args.save_freq, 1),
+                             ("--epochs", args.epochs, 1), ("--workers", args.workers, 0),
+                             ("--keep-last", args.keep_last, 0), ("--nproc-per-node", args.nproc_per_node or 1, 1),
+                             ("--shuffle-bn-splits", args.shuffle_bn_splits, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     nproc = _procs_per_node(args)
     if args.batch_size < nproc or args.batch_size % nproc:
         raise ValueError(f"--batch-size {args.batch_size} (per node) must be a positive multiple of the "
@@ -390,28 +396,6 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
                                 lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    start_epoch, start_iter, step = args.start_epoch, 0, 0
-    resume_path = _resolve_resume(args)
-    if resume_path and args.fsdp:  # a sharded (DCP) checkpoint directory
-        start_epoch, start_iter, step = _resume_sharded(method, optimizer, resume_path, args)
-        if is_main:
-            print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
-    elif resume_path:
-        ckpt = load_checkpoint_file(resume_path)
-        if args.restart:
-            if is_main:
-                print(f"=> restarting from {resume_path!r} (weights only, epoch 0)")
-            restart_load(method, ckpt, source=resume_path, verbose=is_main)
-        else:
-            start_epoch, start_iter, step = _resume_exact(method, optimizer, scaler, ckpt, resume_path, args)
-            if is_main:
-                print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
-
-    model = method
-    if world > 1 and not args.fsdp:
-        model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, broadcast_buffers=False)
-
     transform = build_transform(args)
     dataset = SafeImageFolder(os.path.join(args.data, "train"), transform, skip_bad=args.skip_bad_images)
     subset = fixed_subset(len(dataset), args.subset, seed=args.seed)
@@ -419,10 +403,53 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         dataset = torch.utils.data.Subset(dataset, subset)
     dataset = SeededViews(dataset, seed=args.seed)
     sampler = ResumableSampler(len(dataset), batch, rank, world, seed=args.seed)
+    ident = dict(arch=args.arch, method_name=args.method, global_batch=batch * world, dataset_len=len(dataset))
+
+    start_epoch, start_iter, step = args.start_epoch, 0, 0
+    resume_path = resolve_resume(args.resume, args.ckpt_dir, sharded=args.fsdp)
+    if resume_path and args.fsdp:  # a sharded (DCP) checkpoint directory
+        start_epoch, start_iter, step = resume_sharded(method, optimizer, resume_path, **ident)
+    elif resume_path and args.restart:
+        if is_main:
+            print(f"=> restarting from {resume_path!r} (weights only, epoch 0)")
+        restart_load(method, load_checkpoint_file(resume_path), source=resume_path, verbose=is_main)
+    elif resume_path:
+        start_epoch, start_iter, step = resume_exact(method, optimizer, scaler, load_checkpoint_file(resume_path),
+                                                     resume_path, **ident)
+    if resume_path and not args.restart and is_main:
+        print(f"=> resumed {resume_path!r} at epoch {start_epoch}, iteration {start_iter} (step {step})")
+
+    model = method
+    if world > 1 and not args.fsdp:
+        model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=False)
     logger = RunLogger(args.ckpt_dir, vars(args), enabled=is_main)
     if is_main:
         print(f"=> {args.method} / {args.arch}: {len(dataset)} images, {sampler.num_batches} steps/epoch, "
               f"batch {batch} x {world} process(es), device {device}, git {logger.sha}")
+
+    def save(epoch: int, it: int, name: str | None = None) -> str:
+        """Collective (every rank calls it): an epoch checkpoint, or ``name`` (the preemption one)."""
+        meta = dict(arch=args.arch, method=args.method, global_batch=ident["global_batch"],
+                    dataset_len=ident["dataset_len"], args=vars(args))
+        if args.fsdp:
+            return save_sharded_checkpoint(method, optimizer, args.ckpt_dir, name or SHARDED_PATTERN.format(
+                epoch=epoch), epoch=epoch, it=it, step=step, meta=meta, keep_last=args.keep_last)
+        rngs = all_rng_states()
+        path = os.path.join(args.ckpt_dir, name) if name else None
+        if is_main:
+            state = training_state(method, optimizer, scaler, rngs, epoch=epoch, it=it, step=step, arch=args.arch,
+                                   method_name=args.method, global_batch=ident["global_batch"],
+                                   dataset_len=ident["dataset_len"], args=vars(args))
+            if name:
+                atomic_save(state, path)
+            else:
+                path = save_checkpoint(state, args.ckpt_dir, epoch, args.keep_last)
+                stale = os.path.join(args.ckpt_dir, LAST_CKPT)
+                if os.path.exists(stale):
+                    os.remove(stale)
+        sdist.barrier()
+        return path
 
     status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
     for epoch in range(start_epoch, args.epochs):
@@ -439,13 +466,9 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
                                                   step, sampler.num_batches, device, args, is_main)
         start_iter = 0
         if stopped_at is not None:  # preempted: iteration-level checkpoint, then return
-            path = os.path.join(args.ckpt_dir, LAST_CKPT)
-            if args.fsdp:  # collective: every rank writes its shards
-                path = _save_sharded(method, optimizer, epoch, stopped_at, step, args, SHARDED_LAST)
-            elif is_main:
-                atomic_save(_state(method, optimizer, scaler, epoch, stopped_at, step, args), path)
+            path = save(epoch, stopped_at, SHARDED_LAST if args.fsdp else LAST_CKPT)
+            if is_main:
                 print(f"=> stop requested: saved {path} at epoch {epoch}, iteration {stopped_at}")
-            sdist.barrier()
             return {"status": "preempted", "epoch": epoch, "iter": stopped_at, "checkpoint": path}
         stats.update(epoch=epoch, step=step)
         if world > 1 and not args.fsdp:  # FSDP holds one sharded copy: nothing to compare
@@ -454,15 +477,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         if is_main:
             print(f"=> epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in stats.items()))
-            if not args.fsdp and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
-                status["checkpoint"] = save_checkpoint(_state(method, optimizer, scaler, epoch + 1, 0, step, args),
-                                                       args.ckpt_dir, epoch + 1, args.keep_last)
-                stale = os.path.join(args.ckpt_dir, LAST_CKPT)
-                if os.path.exists(stale):
-                    os.remove(stale)
-        if args.fsdp and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):  # collective
-            status["checkpoint"] = _save_sharded(method, optimizer, epoch + 1, 0, step, args,
-                                                 SHARDED_PATTERN.format(epoch=epoch + 1))
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            status["checkpoint"] = save(epoch + 1, 0)
         status.update(epoch=epoch + 1, **{k: v for k, v in stats.items() if k in ("loss", "acc1")})
         sdist.barrier()
     return status
@@ -490,10 +506,14 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(views)
         loss = out["loss"]
-        if not torch.isfinite(loss):
+        # one collective per step: any rank's non-finite loss stops every rank before the update (a rank that
+        # went on would enqueue NaN keys everywhere), and any rank's stop request stops all at this boundary
+        nonfinite, stop = sdist.any_rank(not torch.isfinite(loss.detach()), preempt.stop_requested(), device=device)
+        if nonfinite:
             last = latest_checkpoint(args.ckpt_dir) if args.ckpt_dir else None
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch}, iteration {i} (global step {step}); stopping before "
+                f"loss is {loss.item()} (on rank {sdist.get_rank()} or another) at epoch {epoch}, iteration {i} "
+                f"(global step {step}); stopping before "
                 f"the update. Last good checkpoint: {last or 'none yet'}. Lower --lr, try --amp none, or check "
                 "the data; resume with --resume.")
         optimizer.zero_grad(set_to_none=True)
@@ -516,7 +536,7 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
         if is_main and i % args.print_freq == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", acc1=f"{float(out.get('acc1', 0)):.1f}", lr=f"{lr:.3g}")
         bar.update(1)
-        if sdist.any_rank(preempt.stop_requested(), device) and i + 1 < steps_per_epoch:
+        if stop and i + 1 < steps_per_epoch:
             bar.close()
             return {}, step, i + 1
     bar.close()
@@ -536,54 +556,6 @@ def _replicas_in_sync(method: nn.Module, device: torch.device) -> bool:
     if not torch.equal(gathered.min(0).values, gathered.max(0).values):
         raise RuntimeError("replicas diverged across ranks (parameters or queue differ); this is a bug")
     return True
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _state(method, optimizer, scaler, epoch: int, it: int, step: int, args) -> dict:
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"epoch": epoch, "iter": it, "step": step, "arch": args.arch, "method": args.method,
-            "state_dict": {"module." + k: v for k, v in method.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "rng": rng, "args": vars(args)}
-
-
-def _resolve_resume(args) -> str | None:
-    if args.fsdp and args.resume == "auto":
-        return _latest_sharded(args.ckpt_dir)
-    if args.resume != "auto":
-        return args.resume or None
-    candidates = [p for p in (latest_checkpoint(args.ckpt_dir), os.path.join(args.ckpt_dir, LAST_CKPT))
-                  if p and os.path.isfile(p)]
-    if not candidates:
-        print(f"=> --resume auto: no checkpoint in {args.ckpt_dir!r}, starting from scratch")
-        return None
-    return max(candidates, key=lambda p: load_checkpoint_file(p).get("step", 0))
-
-
-def _resume_exact(method, optimizer, scaler, ckpt: dict, path: str, args) -> tuple[int, int, int]:
-    if ckpt.get("arch") not in (None, args.arch) or ckpt.get("method", args.method) != args.method:
-        raise CheckpointMismatchError(
-            f"--resume {path!r} was trained with -a {ckpt.get('arch')} --method {ckpt.get('method', 'moco')}, "
-            f"not -a {args.arch} --method {args.method}; pass the matching flags, or --restart to load what fits.")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict_of(ckpt).items()}
-    try:
-        method.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointMismatchError(f"--resume {path!r} does not fit this model ({e}). Use --restart to load "
-                                      "the matching weights only.") from e
-    if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt.get("rng")
-    if rng:
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(ckpt.get("epoch", 0)), int(ckpt.get("iter", 0)), int(ckpt.get("step", 0))
 
 
 # ------------------------------------------------------------------ FSDP2 and sharded checkpoints (issue 6)
@@ -624,93 +596,6 @@ def _setup_fsdp(method: nn.Module, args) -> None:
         fsdp_wrap(method, param_dtype=torch.bfloat16 if args.amp == "bf16" else None, reduce_dtype=torch.float32)
 
 
-def _save_sharded(method, optimizer, epoch: int, it: int, step: int, args, name: str) -> str:
-    """Collective: ``CKPT_DIR/name/`` as a DCP checkpoint (model + optimizer shards, rank 0's extras); written
-    to a temporary directory and renamed, then older epoch directories beyond ``--keep-last`` are removed."""
-    import pickle
-    import shutil
-
-    from smallssl.fsdp import save_sharded
-
-    final = os.path.join(args.ckpt_dir, name)
-    tmp = final + ".tmp"
-    if sdist.is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    sdist.barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    _complete_optimizer_state(optimizer)
-    save_sharded(tmp, method, optimizer, extra={
-        "epoch": epoch, "iter": it, "step": step, "arch": args.arch, "method": args.method,
-        "rng": pickle.dumps(rng), "args": vars(args)})
-    sdist.barrier()
-    if sdist.is_main_process():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if it == 0:
-            shutil.rmtree(os.path.join(args.ckpt_dir, SHARDED_LAST), ignore_errors=True)
-            if args.keep_last > 0:
-                for old in _sharded_epochs(args.ckpt_dir)[:-args.keep_last]:
-                    shutil.rmtree(old)
-        print(f"=> saved sharded checkpoint {final} (epoch {epoch}, iteration {it})")
-    sdist.barrier()
-    return final
-
-
-@torch.no_grad()
-def _complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter that has had no gradient yet (SwAV's frozen prototypes) the state its first step
-    would start from: a zero momentum buffer (SGD / LARS: ``0 * m + d = d``, bit-identical to no buffer) or
-    AdamW's zero moments at step 0. DCP loads into a fully initialised optimizer and needs every key."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if optimizer.state.get(p):
-                continue
-            if isinstance(optimizer, torch.optim.AdamW):
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-            elif group.get("momentum", 0):
-                optimizer.state[p] = {"momentum_buffer": torch.zeros_like(p)}
-
-
-def _sharded_epochs(ckpt_dir: str) -> list[str]:
-    import re
-
-    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"checkpoint_\d{4}", n)) \
-        if os.path.isdir(ckpt_dir) else []
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-def _latest_sharded(ckpt_dir: str) -> str | None:
-    """--resume auto with --fsdp: the preemption directory if present (it is newer), else the last epoch's."""
-    last = os.path.join(ckpt_dir, SHARDED_LAST)
-    epochs = _sharded_epochs(ckpt_dir)
-    found = last if os.path.isdir(last) else (epochs[-1] if epochs else None)
-    if found is None:
-        print(f"=> --resume auto: no sharded checkpoint in {ckpt_dir!r}, starting from scratch")
-    return found
-
-
-def _resume_sharded(method, optimizer, path: str, args) -> tuple[int, int, int]:
-    """Collective: load model + optimizer shards and the RNG state; returns (epoch, iteration, step)."""
-    import pickle
-
-    from smallssl.fsdp import load_sharded
-
-    try:
-        extra = load_sharded(path, method, optimizer)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointMismatchError(f"--resume {path!r} does not fit this model / optimizer ({e})") from e
-    if extra.get("arch") not in (None, args.arch) or extra.get("method", args.method) != args.method:
-        raise CheckpointMismatchError(f"--resume {path!r} was trained with -a {extra.get('arch')} --method "
-                                      f"{extra.get('method')}, not -a {args.arch} --method {args.method}")
-    if extra.get("rng"):
-        rng = pickle.loads(extra["rng"])
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-    return int(extra.get("epoch", 0)), int(extra.get("iter", 0)), int(extra.get("step", 0))
-
-
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -718,8 +603,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, CorruptImageError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ProcessException as e:  # a spawned rank failed; it printed its own error
-        print(f"error: a training process failed ({e})", file=sys.stderr)
+    except ProcessException as e:  # a spawned rank failed; with exit code 2 it already printed a clear error
+        if getattr(e, "exit_code", None) != 2:
+            print(f"error: a training process failed ({e})", file=sys.stderr)
         return 2
     if result.get("loss") is not None and not math.isfinite(result["loss"]):
         return 1

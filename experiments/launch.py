@@ -207,8 +207,8 @@ class SweepJob:
             if threads:  # use the CPUs the job asked for, not all of the node's
                 torch.set_num_threads(threads)
             args = self.resume_args()
-            if info["rank"] == 0:
-                _append_json(os.path.join(args.ckpt_dir, "launcher.jsonl"), {**info, "time": time.time()})
+            # every rank records that its USR2 handler is installed (a signal before that would kill the task)
+            _append_json(os.path.join(args.ckpt_dir, "launcher.jsonl"), {**info, "time": time.time()})
             result = dict(main_moco.main(args) or {})
         finally:
             signal.signal(signal.SIGUSR2, previous if previous is not None else signal.SIG_DFL)

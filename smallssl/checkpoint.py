@@ -226,7 +226,7 @@ def restart_load(method: nn.Module, ckpt: Mapping, source: str = "<dict>", verbo
     * the projection head (``encoder_q.head`` here, ``encoder_q.fc`` in MoCo/ssl-small, ``student.head`` /
       ``student.fc`` in SEED) is loaded where shapes match, mismatches are dropped and reported;
     * remaining tensors with the same name and shape (e.g. ``queue``, ``queue_ptr``) are loaded; an official
-      (dim, K) queue is transposed to smallssl's (K, dim);
+      (dim, K) queue is transposed to smallssl's (K, dim); a SEED checkpoint's (teacher) queue is not carried;
     * the query encoder is copied to the key encoder (``method.copy_query_to_key()``) when there is one.
     """
     state = _strip_module(state_dict_of(ckpt))
@@ -245,7 +245,9 @@ def restart_load(method: nn.Module, ckpt: Mapping, source: str = "<dict>", verbo
     own = method.state_dict()
     extra = {}
     skipped = []
-    for name in ("queue", "queue_ptr"):
+    # A SEED checkpoint's queue holds *teacher* embeddings: not MoCo keys (convert with --keep-queue to force it).
+    carry = () if ckpt.get("method") == "seed" else ("queue", "queue_ptr")
+    for name in carry:
         if name in state and name in own:
             v = state[name]
             if v.shape != own[name].shape and v.ndim == 2 and v.T.shape == own[name].shape:

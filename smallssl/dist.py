@@ -74,10 +74,10 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True if ``flag`` is true on any rank (used to agree on a preemption stop)."""
+def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:
+    """For each flag, True if it is true on any rank (one collective for all; identity at world size 1)."""
     if not is_dist():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(bool(v > 0) for v in t.tolist())

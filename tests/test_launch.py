@@ -271,9 +271,9 @@ def _state_dict(path) -> dict:
 @pytest.mark.slurm
 def test_usr2_requeues_and_resumes_to_identical_weights(slurm_jobs):
     root, (ref, victim) = slurm_jobs["requeue"]
-    marker = root / "print-freq=101" / "launcher.jsonl"  # written once the USR2 handler is installed
+    marker = root / "print-freq=101" / "launcher.jsonl"  # a line per rank once its USR2 handler is installed
     deadline = time.time() + 180
-    while not marker.exists():
+    while not marker.exists() or len(marker.read_text().splitlines()) < 2:
         assert time.time() < deadline, "the job never started"
         assert not victim.done(), victim.stderr()
         time.sleep(0.05)
@@ -283,7 +283,7 @@ def test_usr2_requeues_and_resumes_to_identical_weights(slurm_jobs):
     assert [r["restart_count"] for r in r_ref] == [0, 0]
     assert [r["restart_count"] for r in r_victim] == [1, 1], f"not requeued (signal too late?):\n{victim.stdout()}"
     starts = [json.loads(x) for x in marker.read_text().splitlines()]
-    assert [s["restart_count"] for s in starts] == [0, 1]
+    assert sorted((s["restart_count"], s["rank"]) for s in starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     out = victim.stdout()
     assert "stop requested: saved" in out and "=> resumed" in out and "checkpoint_last.pth.tar" in out
     a = _state_dict(root / "print-freq=100" / "checkpoint_0003.pth.tar")

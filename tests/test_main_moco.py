@@ -72,6 +72,17 @@ def test_preemption_mid_epoch_resumes_exactly(tiny_data, tmp_path, monkeypatch):
                       weights(tmp_path / "b" / "checkpoint_0002.pth.tar"))
 
 
+def test_mid_epoch_resume_with_another_batch_is_refused(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(preempt, "stop_requested", lambda: True)  # stop after the first iteration
+    args = main_moco.get_args_parser().parse_args([tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", str(tmp_path)])
+    assert main_moco.main(args)["status"] == "preempted"
+    monkeypatch.setattr(preempt, "stop_requested", lambda: False)
+    argv = [tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", tmp_path, "--resume", "auto"]
+    argv[argv.index("-b") + 1] = "4"
+    assert run(argv) == 2
+    assert "stopped inside an epoch with global batch 8 over 32 images; this run has 4" in capsys.readouterr().err
+
+
 def test_keep_last_and_atomic(tiny_data, tmp_path):
     assert run([tiny_data, *TINY, "--epochs", "3", "--keep-last", "2", "--ckpt-dir", tmp_path]) == 0
     names = sorted(os.listdir(tmp_path))
@@ -122,6 +133,7 @@ def test_resume_wrong_arch_is_an_error(tiny_data, tmp_path, capsys):
     ("moco_k", "--moco-k 30 is not a multiple of the global batch size 8"),
     ("missing_resume", "no such checkpoint"),
     ("corrupt_image", "cannot read image"),
+    ("print_freq", "--print-freq must be >= 1, got 0"),
 ])
 def test_bad_inputs_fail_with_one_clear_message(tiny_data, tmp_path, capsys, case, expect):
     argv = [tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", str(tmp_path / "c")]
@@ -133,6 +145,8 @@ def test_bad_inputs_fail_with_one_clear_message(tiny_data, tmp_path, capsys, cas
         argv[argv.index("32")] = "30"
     elif case == "missing_resume":
         argv += ["--resume", str(tmp_path / "nope.pth.tar")]
+    elif case == "print_freq":
+        argv += ["--print-freq", "0"]
     elif case == "corrupt_image":
         with open(os.path.join(tiny_data, "train", "c0", "img0.png"), "wb") as f:
             f.write(b"not a png")
@@ -161,7 +175,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
     monkeypatch.setattr(MoCo, "forward", nan_forward)
     assert run([tiny_data, *TINY, "--epochs", "2", "--ckpt-dir", tmp_path, "--resume", "auto"]) == 2
     err = capsys.readouterr().err
-    assert "loss is nan at epoch 1, iteration 0 (global step 4)" in err and "checkpoint_0001" in err
+    assert "loss is nan (on rank 0 or another) at epoch 1, iteration 0 (global step 4)" in err
+    assert "checkpoint_0001" in err
     assert_same_state(good, weights(tmp_path / "checkpoint_0001.pth.tar"))
     assert not os.path.exists(tmp_path / "checkpoint_0002.pth.tar")
 
