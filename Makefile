@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,viz]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -495,7 +495,8 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
     n_steps, n_images, n_skipped, t0 = 0, 0, 0, time.time()
     lr = args.lr
     bar = tqdm(total=steps_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not is_main
-               or args.no_progress, dynamic_ncols=True, leave=False)
+               or args.no_progress, dynamic_ncols=True, leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs/CI: a line every 30 s, not per step
     for i, (views, _, n_bad) in enumerate(loader, start=start_iter):
         n_skipped += n_bad
         lr = lr_at(epoch + i / steps_per_epoch, args.lr, args.epochs, cos=args.cos, schedule=args.schedule,

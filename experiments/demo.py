@@ -24,8 +24,9 @@ from smallssl.data import SafeImageFolder, eval_transform
 from smallssl.datasets_cache import dataset_available, default_cache_dir, prepare_dataset
 
 # The default recipe: chosen to pass random init fastest on a 2-core CPU (see README "Demo").
+# Short runs need a fast key encoder (m=0.99, as in MoCo's CIFAR demo) or the queue holds stale keys.
 RECIPE = ["-a", "resnet18", "--no-small-input", "--image-size", "32", "--lr", "0.06", "--cos",
-          "--mlp", "--moco-t", "0.2", "--moco-dim", "128", "--aug-plus", "--gaussian-blur", "0",
+          "--mlp", "--moco-t", "0.1", "--moco-m", "0.99", "--moco-dim", "128", "--aug-plus", "--gaussian-blur", "0",
           "--min-crop-scale", "0.2", "--print-freq", "20"]
 
 

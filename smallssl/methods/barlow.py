@@ -14,6 +14,8 @@ the global loss (the paper's non-differentiable ``all_reduce`` gives it divided 
 Paper defaults: ResNet-50, projector 8192-8192-8192 (Linear-BN-ReLU, Linear-BN-ReLU, Linear, no biases),
 lambda 5e-3 (0.0051 in the code), batch 2048, LARS lr 0.2 for weights / 0.0048 for biases and BN,
 weight decay 1.5e-6, 1000 epochs. Small backbones use smaller projectors, e.g. ``--barlow-proj 2048-2048``.
+Not implemented here: the separate bias/BN learning rate (one schedule for all parameters; with
+``--optimizer lars`` biases and norm weights are excluded from LARS adaptation and weight decay).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Paper defaults (ImageNet): ResNet-50, projector 3 x (Linear-BN), ReLU between, h
 output 2048 with affine-free BN; predictor Linear(2048, 512)-BN-ReLU-Linear(512, 2048); SGD lr 0.05 x
 B/256, momentum 0.9, weight decay 1e-4, batch 512, cosine decay, predictor lr kept fixed. CIFAR-10
 (appendix D): ResNet-18 with the CIFAR stem, 2-layer projector, lr 0.03 x B/256, weight decay 5e-4.
+Not implemented here: the fixed predictor learning rate (smallssl's trainer applies one schedule to all
+parameters).
 """
 
 from __future__ import annotations
