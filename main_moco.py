@@ -37,6 +37,7 @@ from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder,
 from smallssl.heads import HEADS
 from smallssl.logging import RunLogger
 from smallssl.methods import METHODS
+from smallssl.queue import check_queue_batch
 from smallssl.optim import build_optimizer, lr_at, param_groups, set_lr
 from smallssl.train_state import (LAST_CKPT, SHARDED_LAST, SHARDED_PATTERN, all_rng_states, resolve_resume,
                                   resume_exact, resume_sharded, save_sharded_checkpoint, training_state)
@@ -288,17 +289,12 @@ def validate_args(args) -> None:
     if args.batch_size < nproc or args.batch_size % nproc:
         raise ValueError(f"--batch-size {args.batch_size} (per node) must be a positive multiple of the "
                          f"{nproc} processes per node")
-    if args.method == "moco" and args.moco_k % global_batch_size(args):
-        gb = global_batch_size(args)
-        raise ValueError(f"--moco-k {args.moco_k} is not a multiple of the global batch size {gb}; the queue "
-                         f"would wrap mid-batch. Use e.g. --moco-k {max(gb, args.moco_k // gb * gb)}.")
+    if args.method == "moco":
+        check_queue_batch(args.moco_k, global_batch_size(args), "--moco-k")
     if args.method == "seed":
         if not args.teacher_ckpt or not os.path.isfile(args.teacher_ckpt):
             raise FileNotFoundError(f"--method seed needs --teacher-ckpt FILE (got {args.teacher_ckpt!r})")
-        if args.seed_k % global_batch_size(args):
-            gb = global_batch_size(args)
-            raise ValueError(f"--seed-k {args.seed_k} is not a multiple of the global batch size {gb}. "
-                             f"Use e.g. --seed-k {max(gb, args.seed_k // gb * gb)}.")
+        check_queue_batch(args.seed_k, global_batch_size(args), "--seed-k")
     if args.restart and not args.resume:
         raise ValueError("--restart needs --resume CHECKPOINT (the weights to restart from)")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume) and not (

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import dist as sdist
 from ..heads import Encoder, build_head
+from ..queue import check_queue_batch, enqueue_keys
 from ..losses import info_nce
 
 
@@ -67,10 +68,7 @@ class MoCo(nn.Module):
         return self.encoder_q.backbone
 
     def check_batch(self, global_batch: int) -> None:
-        if self.K % global_batch != 0:
-            raise ValueError(f"--moco-k {self.K} is not a multiple of the global batch size {global_batch}; "
-                             f"the queue would wrap mid-batch. Use e.g. --moco-k "
-                             f"{max(global_batch, self.K // global_batch * global_batch)}.")
+        check_queue_batch(self.K, global_batch, "--moco-k")
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -83,15 +81,9 @@ class MoCo(nn.Module):
     def copy_query_to_key(self) -> None:
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` (N, dim) at the queue pointer and advance it (mod K)."""
-        n = keys.shape[0]
-        if self.K % n != 0:
-            raise ValueError(f"queue size {self.K} is not a multiple of the gathered batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.K
+        enqueue_keys(self.queue, self.queue_ptr, keys)
 
     def _split_forward(self, enc: nn.Module, x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """Forward ``x`` in ``shuffle_bn_splits`` sub-batches (after permuting by ``order``), undo the order."""

@@ -39,6 +39,7 @@ from ..backbones import create_backbone
 from ..checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, load_checkpoint_file,
                           load_state_with_report, state_dict_of)
 from ..heads import Encoder, build_head
+from ..queue import check_queue_batch, enqueue_keys
 from ..losses import info_nce_top1, seed_distill
 
 TEACHER_PROJ = ("auto", "head", "none", "random")
@@ -105,20 +106,11 @@ class SEED(nn.Module):
         return self
 
     def check_batch(self, global_batch: int) -> None:
-        if self.K % global_batch != 0:
-            raise ValueError(f"--seed-k {self.K} is not a multiple of the global batch size {global_batch}; "
-                             f"the queue would wrap mid-batch. Use e.g. --seed-k "
-                             f"{max(global_batch, self.K // global_batch * global_batch)}.")
+        check_queue_batch(self.K, global_batch, "--seed-k")
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write the teacher embeddings ``keys`` (N, dim) at the queue pointer and advance it (mod K)."""
-        n = keys.shape[0]
-        if self.K % n != 0:
-            raise ValueError(f"queue size {self.K} is not a multiple of the gathered batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.K
+        enqueue_keys(self.queue, self.queue_ptr, keys)
 
     @torch.no_grad()
     def teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
