@@ -420,6 +420,8 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda"
                                                     else None, broadcast_buffers=False)
     logger = RunLogger(args.ckpt_dir, vars(args), enabled=is_main)
+    if resume_path and not args.restart:
+        logger.drop_epochs_from(start_epoch)  # epochs after the checkpoint are trained (and logged) again
     if is_main:
         print(f"=> {args.method} / {args.arch}: {len(dataset)} images, {sampler.num_batches} steps/epoch, "
               f"batch {batch} x {world} process(es), device {device}, git {logger.sha}")

@@ -34,6 +34,17 @@ class RunLogger:
             with open(os.path.join(out_dir, "run.json"), "a") as f:  # one line per (re)start
                 f.write(json.dumps(meta, default=str) + "\n")
 
+    def drop_epochs_from(self, epoch: int) -> None:
+        """Forget logged epochs >= ``epoch`` (they are re-run after resuming from an earlier checkpoint)."""
+        path = os.path.join(self.out_dir, "log.jsonl") if self.enabled else None
+        if not path or not os.path.exists(path):
+            return
+        kept = [r for r in read_jsonl(path) if r.get("epoch", -1) < epoch]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in kept)
+        os.replace(tmp, path)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return

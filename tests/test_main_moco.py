@@ -83,6 +83,13 @@ def test_mid_epoch_resume_with_another_batch_is_refused(tiny_data, tmp_path, mon
     assert "stopped inside an epoch with global batch 8 over 32 images; this run has 4" in capsys.readouterr().err
 
 
+def test_resume_from_an_older_checkpoint_does_not_duplicate_log_lines(tiny_data, tmp_path):
+    assert run([tiny_data, *TINY, "--epochs", "2", "--ckpt-dir", tmp_path]) == 0
+    assert run([tiny_data, *TINY, "--epochs", "2", "--ckpt-dir", tmp_path,
+                "--resume", tmp_path / "checkpoint_0001.pth.tar"]) == 0
+    assert [json.loads(x)["epoch"] for x in open(tmp_path / "log.jsonl")] == [0, 1]
+
+
 def test_keep_last_and_atomic(tiny_data, tmp_path):
     assert run([tiny_data, *TINY, "--epochs", "3", "--keep-last", "2", "--ckpt-dir", tmp_path]) == 0
     names = sorted(os.listdir(tmp_path))
