@@ -82,13 +82,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def lars_param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
-    """Two groups: weights with LARS + weight decay, and biases / norm weights (``ndim <= 1``) without either."""
-    regular, excluded = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (excluded if exclude_bias_and_norm and p.ndim <= 1 else regular).append(p)
-    groups = [{"params": regular, "weight_decay": weight_decay, "lars": True}]
-    if excluded:
-        groups.append({"params": excluded, "weight_decay": 0.0, "lars": False})
-    return groups
+    """Two groups: weights with LARS + weight decay, and biases / norm weights (``ndim <= 1``) without either
+    (:func:`smallssl.optim.param_groups` with the exclusion on by default)."""
+    from .optim import param_groups
+
+    return param_groups(model, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)

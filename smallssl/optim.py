@@ -18,8 +18,7 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: b
         (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        # "lars": False is the key smallssl.lars.LARS reads (no trust ratio); "lars_exclude" kept for compatibility
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lars": False})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})  # smallssl.lars.LARS: no trust ratio
     return groups
 
 
