@@ -67,20 +67,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.features import extract_features, model_from_args
-    from eval.static_views import StaticViews
+    from eval.static_views import static_view_features
 
     args = get_args_parser().parse_args(argv)
-    model, size = model_from_args(args, args.data)
-    dataset = StaticViews(args.data, size, args.dataset_mode, args.sample_per_class)
-    print(f"=> iterating through the dataset ({len(dataset)} images, {len(dataset.classes)} classes)...")
-    r0, r1, r2, _ = extract_features(model, dataset, args.batch_size, args.workers, args.device, views=3)
+    r0, r1, r2, _ = static_view_features(args, args.dataset_mode)
     q, k = select_views(r0, r1, r2, args.mode)
     res = instdisc_accuracy(q, k, args.topk)
     accs = [round(res[f"top{m}"], 3) for m in range(1, args.topk + 1)]
     print(f"Masked: {args.dataset_mode}; Mode: {args.mode}; Top1-{args.topk}: {accs}; "
           f"CKPT: {args.pretrained or 'random-init'}; Dataset: {args.data}; "
-          f"Protocol: cosine retrieval, gallery = positive + {len(dataset) - 1} other queries")
+          f"Protocol: cosine retrieval, gallery = positive + {r0.shape[0] - 1} other queries")
     return res
 
 

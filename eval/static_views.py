@@ -71,3 +71,14 @@ class StaticViews(Dataset):
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
+
+
+def static_view_features(args, view_set: str):
+    """Build the model from the eval CLI ``args`` and embed every image of the static set ``args.data`` in
+    its three views: returns ``(original (N, D), view 1 (N, D), view 2 (N, D), labels (N,))``."""
+    from eval.features import extract_features, model_from_args
+
+    model, size = model_from_args(args, args.data)
+    dataset = StaticViews(args.data, size, view_set, args.sample_per_class)
+    print(f"=> iterating through the dataset ({len(dataset)} images, {len(dataset.classes)} classes)...")
+    return extract_features(model, dataset, args.batch_size, args.workers, args.device, views=3)

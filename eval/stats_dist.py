@@ -115,14 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.features import extract_features, model_from_args
-    from eval.static_views import StaticViews
+    from eval.static_views import static_view_features
 
     args = get_args_parser().parse_args(argv)
-    model, size = model_from_args(args, args.data)
-    dataset = StaticViews(args.data, size, args.mode, args.sample_per_class)
-    print(f"=> iterating through the dataset ({len(dataset)} images, {len(dataset.classes)} classes)...")
-    r0, r1, r2, labels = extract_features(model, dataset, args.batch_size, args.workers, args.device, views=3)
+    r0, r1, r2, labels = static_view_features(args, args.mode)
     res = stats_dist(r0, r1, r2, labels, args.alpha, args.t, args.uniformity_samples, args.seed)
     print(f"[stats-dist features=l2-normalised alpha={args.alpha:g} t={args.t:g} "
           f"uniformity-pairs={'all' if args.uniformity_samples is None else args.uniformity_samples} "
