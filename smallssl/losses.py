@@ -28,10 +28,6 @@ def info_nce_top1(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, chunk: 
     return (pos > best).float().mean() * 100
 
 
-def l2_normalize(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    return F.normalize(x, dim=dim)
-
-
 # ------------------------------------------------------------------------ BYOL / SimSiam / Barlow Twins
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss (Grill et al., NeurIPS 2020, eq. 2): ``mean_b (2 - 2 cos(p_b, z_b))``.
