@@ -32,6 +32,7 @@ from smallssl import preempt
 from smallssl.backbones import BACKBONES, create_backbone
 from smallssl.checkpoint import (CheckpointError, atomic_save, latest_checkpoint,
                                  load_checkpoint_file, restart_load, save_checkpoint)
+from smallssl.datasets_cache import default_cache_dir
 from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder, SeededViews, collate_skip_bad,
                            fixed_subset, pretrain_transform, two_crops)
 from smallssl.heads import HEADS
@@ -98,6 +99,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--grey-scale", default=None, type=float, help="grayscale probability (default 0.2)")
     p.add_argument("--gaussian-blur", default=None, type=float, help="blur probability (default 0.5 with --aug-plus)")
     p.add_argument("--min-crop-scale", default=0.2, type=float)
+    p.add_argument("--batch-aug", action="store_true",
+                   help="decode the training set once into memory (cached under $SMALLSSL_CACHE/mem) and augment "
+                        "whole batches with tensor ops on the training device (smallssl.batch_aug) instead of "
+                        "PIL per image in DataLoader workers; for small images (CIFAR). Same augmentation "
+                        "flags; colour jitter runs before the grey-scale step in both v1 and v2 modes")
     p.add_argument("--subset", default=None, type=int, help="train on a fixed random subset of N images")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (replaced by other images of the batch) instead of stopping")
@@ -137,11 +143,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--byol-m", default=0.996, type=float, help="base EMA momentum, cosine-scheduled to 1")
     g.add_argument("--byol-dim", default=256, type=int, help="projector / predictor output size")
     g.add_argument("--byol-hidden", default=4096, type=int, help="projector / predictor hidden size")
+    g.add_argument("--byol-aug", default="asym", choices=["asym", "same"],
+                   help="asym (paper): view 1 blur p 1.0, view 2 blur p 0.1 + solarize p 0.2 (an explicit "
+                        "--gaussian-blur P sets both blurs to P); same: both views as the other methods")
     g = p.add_argument_group("simsiam")
     g.add_argument("--simsiam-dim", default=2048, type=int, help="projector output (and hidden) size")
     g.add_argument("--simsiam-pred-dim", default=512, type=int, help="predictor bottleneck size")
     g.add_argument("--simsiam-proj-layers", default=3, type=int, help="projector depth (3 ImageNet, 2 CIFAR)")
+    g.add_argument("--simsiam-no-fix-pred-lr", dest="simsiam_fix_pred_lr", action="store_false",
+                   help="let the predictor follow the lr schedule (default: fixed at the base lr, as the paper)")
     g = p.add_argument_group("barlow")
+    g.add_argument("--barlow-bias-lr-scale", default=0.024, type=float,
+                   help="lr factor of biases and norm weights (paper: 0.0048 / 0.2)")
     g.add_argument("--barlow-lambda", default=5e-3, type=float, help="off-diagonal (redundancy) weight")
     g.add_argument("--barlow-proj", default="8192-8192-8192",
                    help="projector widths, dash-separated (e.g. 2048-2048 for small backbones)")
@@ -192,11 +205,12 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
         return METHODS["byol"](backbone, dim=args.byol_dim, hidden_dim=args.byol_hidden, base_momentum=args.byol_m)
     if args.method == "simsiam":
         return METHODS["simsiam"](backbone, dim=args.simsiam_dim, pred_dim=args.simsiam_pred_dim,
-                                  proj_layers=args.simsiam_proj_layers)
+                                  proj_layers=args.simsiam_proj_layers, fix_pred_lr=args.simsiam_fix_pred_lr)
     if args.method == "barlow":
         from smallssl.methods.barlow import parse_sizes
 
-        return METHODS["barlow"](backbone, projector=parse_sizes(args.barlow_proj), lambd=args.barlow_lambda)
+        return METHODS["barlow"](backbone, projector=parse_sizes(args.barlow_proj), lambd=args.barlow_lambda,
+                                 bias_lr_scale=args.barlow_bias_lr_scale)
     if args.method == "seed":
         from smallssl.methods.seed import build_teacher
 
@@ -228,9 +242,44 @@ def build_transform(args: argparse.Namespace):
         return MultiViewTransform([pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
                                                       grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
                                                       min_scale=args.min_crop_scale)])
+    if args.method == "byol" and args.byol_aug == "asym":
+        from smallssl.data import MultiViewTransform
+
+        return MultiViewTransform([pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
+                                                      grey_scale=args.grey_scale, gaussian_blur=blur,
+                                                      solarize=solarize, min_scale=args.min_crop_scale)
+                                   for blur, solarize in byol_view_probs(args)])
     return two_crops(pretrain_transform(args.image_size, aug_plus=args.aug_plus, cj=args.cj,
                                         grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur,
                                         min_scale=args.min_crop_scale))
+
+
+def byol_view_probs(args: argparse.Namespace) -> list[tuple[float, float]]:
+    """(blur p, solarize p) of BYOL's two asymmetric views (paper table 6): (1.0, 0.0) and (0.1, 0.2)."""
+    if args.gaussian_blur is not None:
+        return [(args.gaussian_blur, 0.0), (args.gaussian_blur, 0.2)]
+    return [(1.0, 0.0), (0.1, 0.2)]
+
+
+BATCH_AUG_METHODS = ("moco", "simclr", "byol", "simsiam", "barlow")
+
+
+def build_batch_augs(args: argparse.Namespace) -> list:
+    """The two views of :func:`build_transform` as :class:`smallssl.batch_aug.BatchAugment` (``--batch-aug``)."""
+    from smallssl.batch_aug import BatchAugment
+
+    if args.cj is not None:
+        jitter, jitter_p = (0.8 * args.cj,) * 3 + (min(0.5, 0.4 * args.cj),), 0.8
+    elif args.aug_plus:
+        jitter, jitter_p = (0.4, 0.4, 0.4, 0.1), 0.8
+    else:  # MoCo v1
+        jitter, jitter_p = (0.4, 0.4, 0.4, 0.4), 1.0
+    blur = args.gaussian_blur if args.gaussian_blur is not None else (0.5 if args.aug_plus else 0.0)
+    common = dict(size=args.image_size, scale=(args.min_crop_scale, 1.0), jitter=jitter, jitter_p=jitter_p,
+                  grey_p=0.2 if args.grey_scale is None else args.grey_scale)
+    if args.method == "byol" and args.byol_aug == "asym":
+        return [BatchAugment(blur_p=b, solarize_p=s, **common) for b, s in byol_view_probs(args)]
+    return [BatchAugment(blur_p=blur, **common)] * 2
 
 
 def swav_size_crops(args: argparse.Namespace) -> list[int]:
@@ -302,6 +351,12 @@ def validate_args(args) -> None:
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint file"
                                 + (" or sharded checkpoint directory" if args.fsdp else ""))
     _validate_scale_args(args)
+    if args.batch_aug and args.method not in BATCH_AUG_METHODS:
+        raise ValueError(f"--batch-aug supports the two-view methods {', '.join(BATCH_AUG_METHODS)}; "
+                         f"--method {args.method} needs the PIL pipeline (drop --batch-aug)")
+    if args.batch_aug and args.skip_bad_images:
+        raise ValueError("--batch-aug decodes every image up front and stops at an unreadable one; "
+                         "drop --skip-bad-images or fix the dataset")
     if args.amp == "fp16" and not _use_cuda(args):
         raise ValueError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
 
@@ -392,12 +447,22 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
                                 lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    transform = build_transform(args)
-    dataset = SafeImageFolder(os.path.join(args.data, "train"), transform, skip_bad=args.skip_bad_images)
-    subset = fixed_subset(len(dataset), args.subset, seed=args.seed)
-    if subset is not None:
-        dataset = torch.utils.data.Subset(dataset, subset)
-    dataset = SeededViews(dataset, seed=args.seed)
+    if args.batch_aug:
+        from smallssl.memdata import load_images
+
+        images, labels, _ = load_images(os.path.join(args.data, "train"), args.image_size, workers=args.workers,
+                                        cache_dir=os.path.join(default_cache_dir(), "mem"), verbose=is_main)
+        subset = fixed_subset(len(images), args.subset, seed=args.seed)
+        if subset is not None:
+            images, labels = images[subset], labels[subset]
+        dataset = images
+    else:
+        transform = build_transform(args)
+        dataset = SafeImageFolder(os.path.join(args.data, "train"), transform, skip_bad=args.skip_bad_images)
+        subset = fixed_subset(len(dataset), args.subset, seed=args.seed)
+        if subset is not None:
+            dataset = torch.utils.data.Subset(dataset, subset)
+        dataset = SeededViews(dataset, seed=args.seed)
     sampler = ResumableSampler(len(dataset), batch, rank, world, seed=args.seed)
     ident = dict(arch=args.arch, method_name=args.method, global_batch=batch * world, dataset_len=len(dataset))
 
@@ -452,14 +517,21 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
-        dataset.set_epoch(epoch)
         if hasattr(method, "set_epoch"):  # e.g. SwAV's queue starts at an epoch
             method.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                             collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
-                                             drop_last=True,  # own generator: its per-iterator base seed must
-                                             # not consume the global RNG, or a resumed run diverges (issue 7)
-                                             generator=torch.Generator().manual_seed(args.seed + epoch))
+        if args.batch_aug:
+            from smallssl.memdata import BatchViews
+
+            loader = BatchViews(images, labels, sampler, batch, build_batch_augs(args), seed=args.seed, rank=rank,
+                                device=device)
+        else:
+            dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+                pin_memory=device.type == "cuda", drop_last=True,
+                # own generator: its per-iterator base seed must not consume the global RNG, or a resumed run
+                # diverges (issue 7)
+                generator=torch.Generator().manual_seed(args.seed + epoch))
         stats, step, stopped_at = train_one_epoch(model, method, loader, optimizer, scaler, epoch, start_iter,
                                                   step, sampler.num_batches, device, args, is_main)
         start_iter = 0
@@ -499,7 +571,7 @@ def train_one_epoch(model, method, loader, optimizer, scaler, epoch: int, start_
         n_skipped += n_bad
         lr = lr_at(epoch + i / steps_per_epoch, args.lr, args.epochs, cos=args.cos, schedule=args.schedule,
                    warmup_epochs=args.warmup_epochs)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, base_lr=args.lr)
         mf = torch.channels_last if args.channels_last else torch.contiguous_format
         views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in views]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -38,7 +38,7 @@ def _blur_kernel(image_size: int) -> int:
 
 def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float | None = None,
                        grey_scale: float | None = None, gaussian_blur: float | None = None,
-                       min_scale: float = 0.2, max_scale: float = 1.0) -> Callable:
+                       min_scale: float = 0.2, max_scale: float = 1.0, solarize: float = 0.0) -> Callable:
     """One random view.
 
     - MoCo v1 (default): RandomResizedCrop(scale=(0.2, 1)), RandomGrayscale(0.2), ColorJitter(0.4 x 4), flip.
@@ -46,8 +46,9 @@ def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float 
       GaussianBlur(sigma in [0.1, 2]) with p=0.5, flip.
     - ssl-small knobs: ``cj=c`` sets ColorJitter(0.8c, 0.8c, 0.8c, min(0.5, 0.4c)) with p=0.8;
       ``grey_scale=p`` and ``gaussian_blur=p`` set those probabilities (blur applies with or without aug_plus).
+    - ``solarize=p``: RandomSolarize(128, p) after the blur (BYOL's second view: 0.2).
     """
-    for name, p in (("grey_scale", grey_scale), ("gaussian_blur", gaussian_blur)):
+    for name, p in (("grey_scale", grey_scale), ("gaussian_blur", gaussian_blur), ("solarize", solarize)):
         if p is not None and not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} is a probability in [0, 1], got {p}")
     if cj is not None and cj < 0:
@@ -64,6 +65,8 @@ def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float 
     blur_p = gaussian_blur if gaussian_blur is not None else (0.5 if aug_plus else 0.0)
     if blur_p > 0:
         ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=blur_p))
+    if solarize > 0:
+        ops.append(T.RandomSolarize(128, p=solarize))
     ops += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(ops)
 

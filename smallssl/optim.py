@@ -10,15 +10,28 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = False) -> list[dict]:
-    """Trainable parameters; optionally biases and norm weights (ndim <= 1) in a group with wd 0 and no LARS."""
-    decay, no_decay = [], []
+    """Trainable parameters; optionally biases and norm weights (ndim <= 1) in a group with wd 0 and no LARS.
+
+    A model may define ``param_group_options()`` returning ``[(parameters, options), ...]``: those parameters
+    get groups of their own carrying ``options`` (``lr_scale``: multiplies the scheduled lr; ``fixed_lr``:
+    stays at the base lr), e.g. SimSiam's fixed predictor lr and Barlow Twins' bias/BN lr.
+    """
+    special = model.param_group_options() if hasattr(model, "param_group_options") else []
+    owner = {id(p): i for i, (params, _) in enumerate(special) for p in params}
+    buckets: dict[tuple[int, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})  # smallssl.lars.LARS: no trust ratio
+        key = (owner.get(id(p), -1), exclude_bias_and_norm and p.ndim <= 1)
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (i, no_decay), params in sorted(buckets.items()):
+        g = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if no_decay:
+            g["lars"] = False  # smallssl.lars.LARS: no trust ratio
+        if i >= 0:
+            g.update(special[i][1])
+        groups.append(g)
     return groups
 
 
@@ -48,9 +61,13 @@ def lr_at(epoch: float, base_lr: float, epochs: int, cos: bool = True, schedule:
     return base_lr * 0.1 ** sum(1 for milestone in schedule if epoch >= milestone)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float | None = None) -> None:
+    """Scheduled ``lr`` times each group's ``lr_scale``; groups marked ``fixed_lr`` get ``base_lr``."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if g.get("fixed_lr") and base_lr is not None:
+            g["lr"] = base_lr * g.get("lr_scale", 1.0)
+        else:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:

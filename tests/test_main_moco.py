@@ -72,6 +72,31 @@ def test_preemption_mid_epoch_resumes_exactly(tiny_data, tmp_path, monkeypatch):
                       weights(tmp_path / "b" / "checkpoint_0002.pth.tar"))
 
 
+def test_batch_aug_resumes_exactly_mid_epoch(tiny_data, tmp_path, monkeypatch):
+    """--batch-aug (in-memory images, batched augmentation): preempted + --resume auto == uninterrupted."""
+    monkeypatch.setenv("SMALLSSL_CACHE", str(tmp_path / "cache"))
+    argv = [tiny_data, *TINY, "--epochs", "2", "--cos", "--batch-aug", "--aug-plus"]
+    assert run([*argv, "--ckpt-dir", tmp_path / "a"]) == 0
+    assert len(os.listdir(tmp_path / "cache" / "mem")) == 1  # decoded once, cached outside the data dir
+    calls = {"n": 0}
+
+    def stop_at_sixth_step():
+        calls["n"] += 1
+        return calls["n"] == 6
+    monkeypatch.setattr(preempt, "stop_requested", stop_at_sixth_step)
+    out = main_moco.main(main_moco.get_args_parser().parse_args([str(a) for a in argv]
+                                                                + ["--ckpt-dir", str(tmp_path / "b")]))
+    assert out["status"] == "preempted" and out["epoch"] == 1
+    monkeypatch.setattr(preempt, "stop_requested", lambda: False)
+    assert run([*argv, "--ckpt-dir", tmp_path / "b", "--resume", "auto"]) == 0
+    a = weights(tmp_path / "a" / "checkpoint_0002.pth.tar")
+    assert_same_state(a, weights(tmp_path / "b" / "checkpoint_0002.pth.tar"))
+    # and it trained on other views than the PIL pipeline with the same seed
+    assert run([tiny_data, *TINY, "--epochs", "2", "--cos", "--aug-plus", "--ckpt-dir", tmp_path / "c"]) == 0
+    c = weights(tmp_path / "c" / "checkpoint_0002.pth.tar")
+    assert not torch.equal(a["module.encoder_q.backbone.conv1.weight"], c["module.encoder_q.backbone.conv1.weight"])
+
+
 def test_mid_epoch_resume_with_another_batch_is_refused(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(preempt, "stop_requested", lambda: True)  # stop after the first iteration
     args = main_moco.get_args_parser().parse_args([tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", str(tmp_path)])
@@ -141,6 +166,8 @@ def test_resume_wrong_arch_is_an_error(tiny_data, tmp_path, capsys):
     ("missing_resume", "no such checkpoint"),
     ("corrupt_image", "cannot read image"),
     ("print_freq", "--print-freq must be >= 1, got 0"),
+    ("batch_aug_corrupt", "cannot read image"),
+    ("batch_aug_swav", "--batch-aug supports the two-view methods"),
 ])
 def test_bad_inputs_fail_with_one_clear_message(tiny_data, tmp_path, capsys, case, expect):
     argv = [tiny_data, *TINY, "--epochs", "1", "--ckpt-dir", str(tmp_path / "c")]
@@ -154,7 +181,10 @@ def test_bad_inputs_fail_with_one_clear_message(tiny_data, tmp_path, capsys, cas
         argv += ["--resume", str(tmp_path / "nope.pth.tar")]
     elif case == "print_freq":
         argv += ["--print-freq", "0"]
-    elif case == "corrupt_image":
+    elif case == "batch_aug_swav":
+        argv += ["--batch-aug", "--method", "swav"]
+    if case in ("corrupt_image", "batch_aug_corrupt"):
+        argv += ["--batch-aug"] if case == "batch_aug_corrupt" else []
         with open(os.path.join(tiny_data, "train", "c0", "img0.png"), "wb") as f:
             f.write(b"not a png")
     assert run(argv) == 2

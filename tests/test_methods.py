@@ -210,12 +210,58 @@ def test_flags_become_kwargs():
         (0.5, 0.996, 5e-3, "8192-8192-8192")
 
 
+def test_simsiam_predictor_lr_fixed_and_barlow_bias_lr_scaled():
+    from smallssl.optim import set_lr
+
+    sim = SimSiam(TinyBackbone(), dim=16, pred_dim=4, proj_layers=2)
+    opt = build_optimizer("sgd", param_groups(sim, 1e-4), lr=0.05)
+    set_lr(opt, 0.01, base_lr=0.05)  # late in a cosine schedule
+    pred = {id(p) for p in sim.predictor.parameters()}
+    for g in opt.param_groups:
+        is_pred = all(id(p) in pred for p in g["params"])
+        assert g["lr"] == (0.05 if is_pred else 0.01)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(sim.parameters()))
+    free = SimSiam(TinyBackbone(), dim=16, pred_dim=4, proj_layers=2, fix_pred_lr=False)
+    opt = build_optimizer("sgd", param_groups(free, 1e-4), lr=0.05)
+    set_lr(opt, 0.01, base_lr=0.05)
+    assert [g["lr"] for g in opt.param_groups] == [0.01]
+
+    bt = BarlowTwins(TinyBackbone(), projector=(8, 8))
+    opt = build_optimizer("lars", param_groups(bt, 1.5e-6, exclude_bias_and_norm=True), lr=0.2)
+    set_lr(opt, 0.2, base_lr=0.2)
+    for g in opt.param_groups:
+        small = all(p.ndim <= 1 for p in g["params"])
+        assert g["lr"] == pytest.approx(0.2 * 0.024 if small else 0.2)
+        assert g["weight_decay"] == (0.0 if small else 1.5e-6)
+
+
+def test_byol_asymmetric_views():
+    from PIL import Image
+
+    args = main_moco.get_args_parser().parse_args(["DATA", "--method", "byol", "--image-size", "16"])
+    assert main_moco.byol_view_probs(args) == [(1.0, 0.0), (0.1, 0.2)]
+    names = [[type(t).__name__ for t in tf.transforms] for tf in main_moco.build_transform(args).transforms]
+    assert "RandomSolarize" not in names[0] and "RandomSolarize" in names[1]
+    augs = main_moco.build_batch_augs(args)
+    assert (augs[0].blur_p, augs[0].solarize_p, augs[1].blur_p, augs[1].solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    args = main_moco.get_args_parser().parse_args(["DATA", "--method", "byol", "--gaussian-blur", "0"])
+    assert main_moco.byol_view_probs(args) == [(0.0, 0.0), (0.0, 0.2)]
+    args = main_moco.get_args_parser().parse_args(["DATA", "--method", "byol", "--byol-aug", "same"])
+    a, b = main_moco.build_batch_augs(args)
+    assert a == b and a.solarize_p == 0
+    # a solarised PIL view is the inverted image above 128 (white -> black)
+    from smallssl.data import pretrain_transform
+    tf = pretrain_transform(8, solarize=1.0, grey_scale=0.0, min_scale=1.0)
+    tf.transforms = [t for t in tf.transforms if type(t).__name__ in ("RandomSolarize", "ToTensor")]
+    assert tf(Image.new("RGB", (8, 8), (255, 255, 255))).max() == 0
+
+
 # ---------------------------------------------------------------------------- 2-process gloo DDP runs
 DDP_FLAGS = {
     "simclr": ["--simclr-dim", "16", "--simclr-hidden", "32"],
     "byol": ["--byol-dim", "16", "--byol-hidden", "32"],
     "simsiam": ["--simsiam-dim", "32", "--simsiam-pred-dim", "8", "--simsiam-proj-layers", "2"],
-    "barlow": ["--barlow-proj", "32-32"],
+    "barlow": ["--barlow-proj", "32-32", "--batch-aug"],  # also covers --batch-aug under DDP (rank-sharded)
 }
 
 
@@ -224,12 +270,12 @@ def test_ddp_two_processes_gloo_via_main_moco(name, tiny_data, tmp_path):
     """1 epoch of 2 steps (16 images, global batch 8 = 2 x 4) on 2 CPU processes; checkpoint in MoCo schema."""
     from smallssl.backbones import create_backbone
 
-    cmd = [sys.executable, os.path.join(REPO, "main_moco.py"), tiny_data, "-a", "resnet18", "--image-size", "16",
+    cmd = [sys.executable, os.path.join(REPO, "main_moco.py"), tiny_data, "-a", "resnet18", "--image-size", "16",  # noqa
            "-b", "8", "-j", "0", "--subset", "16", "--epochs", "1", "--lr", "0.1", "--no-progress", "--seed", "1",
            "--method", name, *DDP_FLAGS[name], "--multiprocessing-distributed", "--nproc-per-node", "2",
            "--device", "cpu", "--ckpt-dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       env=dict(os.environ, OMP_NUM_THREADS="1", SMALLSSL_CACHE=str(tmp_path / "cache")))
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = load_checkpoint_file(tmp_path / "checkpoint_0001.pth.tar")
     assert ckpt["method"] == name and ckpt["step"] == 2

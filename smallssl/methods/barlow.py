@@ -14,8 +14,9 @@ the global loss (the paper's non-differentiable ``all_reduce`` gives it divided 
 Paper defaults: ResNet-50, projector 8192-8192-8192 (Linear-BN-ReLU, Linear-BN-ReLU, Linear, no biases),
 lambda 5e-3 (0.0051 in the code), batch 2048, LARS lr 0.2 for weights / 0.0048 for biases and BN,
 weight decay 1.5e-6, 1000 epochs. Small backbones use smaller projectors, e.g. ``--barlow-proj 2048-2048``.
-Not implemented here: the separate bias/BN learning rate (one schedule for all parameters; with
-``--optimizer lars`` biases and norm weights are excluded from LARS adaptation and weight decay).
+The bias/BN learning rate is ``bias_lr_scale`` (0.0048 / 0.2 = 0.024) times the scheduled one, through
+:meth:`BarlowTwins.param_group_options`; with ``--optimizer lars`` biases and norm weights are also excluded
+from LARS adaptation and weight decay, as in the paper.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ class BarlowTwins(nn.Module):
         projector: layer widths (``--barlow-proj``, 8192-8192-8192); the last is the embedding size D.
         lambd: weight of the off-diagonal (redundancy) term (``--barlow-lambda``, 5e-3).
         eps: variance epsilon of the per-view batch standardisation (BatchNorm1d's 1e-5).
+        bias_lr_scale: learning-rate factor of biases and norm weights (``--barlow-bias-lr-scale``, 0.024).
     """
 
     def __init__(self, backbone: nn.Module, projector: Sequence[int] = (8192, 8192, 8192), lambd: float = 5e-3,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, bias_lr_scale: float = 0.024):
         super().__init__()
         projector = tuple(projector)
         if not projector or min(projector) <= 0:
@@ -89,12 +91,19 @@ class BarlowTwins(nn.Module):
             raise ValueError(f"lambd must be >= 0 (paper: 5e-3), got {lambd}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        self.lambd, self.eps = lambd, eps
+        if bias_lr_scale <= 0:
+            raise ValueError(f"bias_lr_scale must be > 0 (paper: 0.0048 / 0.2 = 0.024), got {bias_lr_scale}")
+        self.lambd, self.eps, self.bias_lr_scale = lambd, eps, bias_lr_scale
         self.encoder_q = Encoder(backbone, barlow_projector(backbone.num_features, projector))
 
     @property
     def backbone(self) -> nn.Module:
         return self.encoder_q.backbone
+
+    def param_group_options(self) -> list[tuple[list[nn.Parameter], dict]]:
+        """Biases and norm weights (ndim <= 1) at ``bias_lr_scale`` x the lr (:func:`smallssl.optim.param_groups`)."""
+        small = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
+        return [(small, {"lr_scale": self.bias_lr_scale})] if self.bias_lr_scale != 1.0 else []
 
     def check_batch(self, global_batch: int) -> None:
         if global_batch < 2:

@@ -11,7 +11,8 @@ exponential moving average, ``xi <- tau xi + (1 - tau) theta``, with the cosine 
 
 Paper defaults: ResNet-50, projector and predictor Linear(., 4096)-BN-ReLU-Linear(4096, 256), batch 4096,
 LARS lr 0.2 x B/256, weight decay 1.5e-6, tau_base 0.996, 1000 epochs (300-epoch results in the paper
-use tau_base 0.99), asymmetric augmentation (blur 1.0 / 0.1, solarize 0 / 0.2). Buffers (BN running
+use tau_base 0.99), asymmetric augmentation (blur 1.0 / 0.1, solarize 0 / 0.2; main_moco.py `--byol-aug asym`,
+the default, builds those two views). Buffers (BN running
 statistics) are copied, not averaged, into the target.
 """
 

@@ -11,10 +11,10 @@ dim 2048) and goes to 0 when the outputs collapse to a constant.
 
 Paper defaults (ImageNet): ResNet-50, projector 3 x (Linear-BN), ReLU between, hidden = backbone width,
 output 2048 with affine-free BN; predictor Linear(2048, 512)-BN-ReLU-Linear(512, 2048); SGD lr 0.05 x
-B/256, momentum 0.9, weight decay 1e-4, batch 512, cosine decay, predictor lr kept fixed. CIFAR-10
-(appendix D): ResNet-18 with the CIFAR stem, 2-layer projector, lr 0.03 x B/256, weight decay 5e-4.
-Not implemented here: the fixed predictor learning rate (smallssl's trainer applies one schedule to all
-parameters).
+B/256, momentum 0.9, weight decay 1e-4, batch 512, cosine decay, predictor lr kept fixed (section 4.3 /
+``--fix-pred-lr`` of the official code: here ``fix_pred_lr``, on by default, through
+:meth:`SimSiam.param_group_options`). CIFAR-10 (appendix D): ResNet-18 with the CIFAR stem, 2-layer
+projector, lr 0.03 x B/256, weight decay 5e-4.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ class SimSiam(nn.Module):
         dim: projector output size (``--simsiam-dim``, 2048); the projector's hidden size equals ``dim``.
         pred_dim: predictor bottleneck (``--simsiam-pred-dim``, 512).
         proj_layers: projector depth (``--simsiam-proj-layers``, 3 for ImageNet, 2 for CIFAR in the paper).
+        fix_pred_lr: keep the predictor at the base learning rate while the rest follows the schedule.
     """
 
-    def __init__(self, backbone: nn.Module, dim: int = 2048, pred_dim: int = 512, proj_layers: int = 3):
+    def __init__(self, backbone: nn.Module, dim: int = 2048, pred_dim: int = 512, proj_layers: int = 3,
+                 fix_pred_lr: bool = True):
         super().__init__()
         if dim <= 0 or pred_dim <= 0:
             raise ValueError(f"dim and pred_dim must be positive, got dim={dim}, pred_dim={pred_dim}")
@@ -52,6 +54,11 @@ class SimSiam(nn.Module):
         projector = mlp(backbone.num_features, dim, dim, num_layers=proj_layers, bn=True, last_bn=True)
         self.encoder_q = Encoder(backbone, projector)
         self.predictor = mlp(dim, pred_dim, dim, num_layers=2, bn=True)
+        self.fix_pred_lr = fix_pred_lr
+
+    def param_group_options(self) -> list[tuple[list[nn.Parameter], dict]]:
+        """The predictor's own optimiser group, held at the base lr (:func:`smallssl.optim.param_groups`)."""
+        return [(list(self.predictor.parameters()), {"fixed_lr": True})] if self.fix_pred_lr else []
 
     @property
     def backbone(self) -> nn.Module:
