@@ -114,6 +114,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--moco-k", default=65536, type=int, help="queue size; multiple of the global batch")
     g.add_argument("--moco-m", default=0.999, type=float)
     g.add_argument("--moco-t", default=0.07, type=float)
+    g.add_argument("--moco-symmetric", action="store_true",
+                   help="symmetric loss: each view is query and key, both keys enqueued (MoCo's CIFAR demo, v3)")
     g.add_argument("--mlp", nargs="?", const="v2", default="none", choices=HEADS,
                    help="projection head: bare --mlp = MoCo v2 2-layer MLP; or wide|simple|deep")
     g.add_argument("--shuffle-bn-splits", default=2, type=int,
@@ -197,7 +199,7 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
     """The only place where command-line arguments become method keyword arguments."""
     if args.method == "moco":
         return METHODS["moco"](backbone, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                               mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits)
+                               mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits, symmetric=args.moco_symmetric)
     if args.method == "simclr":
         return METHODS["simclr"](backbone, dim=args.simclr_dim, hidden_dim=args.simclr_hidden,
                                  temperature=args.simclr_t)
@@ -339,7 +341,7 @@ def validate_args(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size} (per node) must be a positive multiple of the "
                          f"{nproc} processes per node")
     if args.method == "moco":
-        check_queue_batch(args.moco_k, global_batch_size(args), "--moco-k")
+        check_queue_batch(args.moco_k, global_batch_size(args) * (2 if args.moco_symmetric else 1), "--moco-k")
     if args.method == "seed":
         if not args.teacher_ckpt or not os.path.isfile(args.teacher_ckpt):
             raise FileNotFoundError(f"--method seed needs --teacher-ckpt FILE (got {args.teacher_ckpt!r})")

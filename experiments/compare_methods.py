@@ -1,15 +1,22 @@
 """Equal-budget comparison of the pretraining methods on CIFAR-10 (issue 8): kNN after training.
 
-Every method trains a ResNet-18 (CIFAR stem) through ``main_moco.main`` with the same data subset, batch,
-epochs (so the same number of optimiser steps), learning-rate schedule and augmentation (MoCo v2); only
-the method and its own flags differ. Then each backbone (and a random-init one) is scored by DINO's
-weighted kNN (cosine, k=20, T=0.07; :func:`eval.knn.dino_knn`) with a fixed per-class-balanced train bank
-and val set. Wall time per method is reported too (the machine is shared, so it is noisy).
+Every method trains a ResNet-18 through ``main_moco.main`` with the same batch, learning-rate schedule
+shape (cosine to 0), weight decay and augmentation (MoCo v2 without blur, ``--batch-aug``); only the method
+and its own flags differ. Two budgets:
 
-    python experiments/compare_methods.py --subset 1024 --epochs 1 -b 64 --out runs/compare
+- ``--budget-s S`` (equal wall clock, the default): each method's step time is measured first
+  (:func:`experiments.bench_train.bench` plus the batched augmentation of two views), and the method trains
+  ``S / step_time`` steps as one epoch over that many images (``--subset steps x batch``); the cosine
+  schedule spans exactly its budget. The measured training wall time is reported beside it.
+- ``--budget-s 0``: equal steps (``--subset`` images, ``--epochs``) for every method.
 
-Prints a Markdown table and writes ``OUT/results.json``. Small on purpose: see /work/notes/issue-8.md for
-the figures and what they can and cannot show.
+Then each backbone (and a random-init one) is scored by DINO's weighted kNN (cosine, k=20, T=0.07;
+:func:`eval.knn.dino_knn`) on the whole train split as the bank and the whole val split as the queries
+(``--bank-per-class`` / ``--val-per-class`` take class-balanced subsets instead).
+
+    python -m experiments.compare_methods --budget-s 300 --no-small-input --out runs/compare
+
+Prints a Markdown table and writes ``OUT/results.json`` (the README's table comes from this command).
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import main_moco  # noqa: E402
-from eval.features import build_model, eval_transform, extract_features, subsample_per_class  # noqa: E402
+from eval.features import build_model, extract_features, subsample_per_class  # noqa: E402
 from eval.knn import dino_knn  # noqa: E402
-from smallssl.data import SafeImageFolder  # noqa: E402
-from smallssl.datasets_cache import prepare_dataset  # noqa: E402
+from experiments.bench_train import bench  # noqa: E402
+from smallssl.datasets_cache import default_cache_dir, prepare_dataset  # noqa: E402
+from smallssl.memdata import NormalizedImages, load_images  # noqa: E402
 
-# Method flags for a ResNet-18 on CIFAR (small projectors as in the papers' CIFAR runs / small-model setups).
+# Method flags for a ResNet-18 on CIFAR (the papers' CIFAR settings where they give them; small projectors).
 METHOD_FLAGS: dict[str, list[str]] = {
     "moco": ["--mlp", "--moco-dim", "128", "--moco-t", "0.2", "--moco-m", "0.99", "--moco-k", "4096"],
     "simclr": ["--simclr-t", "0.5", "--simclr-dim", "128"],
@@ -40,6 +48,7 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "simsiam": ["--simsiam-dim", "2048", "--simsiam-pred-dim", "512", "--simsiam-proj-layers", "2"],
     "barlow": ["--barlow-proj", "2048-2048-2048", "--barlow-lambda", "5e-3"],
 }
+AUG = ["--aug-plus", "--gaussian-blur", "0", "--batch-aug"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,47 +56,66 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: cached CIFAR-10)")
     p.add_argument("--methods", nargs="+", default=list(METHOD_FLAGS), choices=list(METHOD_FLAGS))
     p.add_argument("--out", default="runs/compare_methods")
-    p.add_argument("--subset", default=1024, type=int, help="training images (fixed random subset)")
-    p.add_argument("--epochs", default=1, type=int)
-    p.add_argument("-b", "--batch-size", default=64, type=int)
-    p.add_argument("--lr", default=0.05, type=float)
+    p.add_argument("--budget-s", default=300.0, type=float,
+                   help="training wall-clock seconds per method (0: equal steps from --subset and --epochs)")
+    p.add_argument("--subset", default=1024, type=int, help="training images with --budget-s 0")
+    p.add_argument("--epochs", default=1, type=int, help="epochs with --budget-s 0")
+    p.add_argument("-b", "--batch-size", default=128, type=int)
+    p.add_argument("--lr", default=0.06, type=float)
     p.add_argument("--wd", default=5e-4, type=float)
     p.add_argument("--image-size", default=32, type=int)
     p.add_argument("--small-input", default=True, action=argparse.BooleanOptionalAction,
                    help="CIFAR stem (default); --no-small-input keeps the ImageNet stem (~12x cheaper at 32 px)")
     p.add_argument("-a", "--arch", default="resnet18")
-    p.add_argument("--bank-per-class", default=100, type=int, help="kNN bank: images per class from train/")
-    p.add_argument("--val-per-class", default=50, type=int, help="kNN queries: images per class from val/")
+    p.add_argument("--bank-per-class", default=None, type=int, help="kNN bank: images per class (default all)")
+    p.add_argument("--val-per-class", default=None, type=int, help="kNN queries: images per class (default all)")
     p.add_argument("--threads", default=2, type=int)
     p.add_argument("--seed", default=0, type=int)
     return p
 
 
-def train_command(args, method: str, ckpt_dir: str, data: str) -> list[str]:
+def method_flags(args, method: str) -> list[str]:
     flags = list(METHOD_FLAGS[method])
     if method == "moco":  # the queue must be a multiple of the batch
         flags[flags.index("--moco-k") + 1] = str(max(args.batch_size, 4096 // args.batch_size * args.batch_size))
+    return flags
+
+
+def budget_steps(args, method: str) -> tuple[int, float]:
+    """(steps that fit ``args.budget_s``, measured seconds per step incl. augmenting two views)."""
+    from smallssl.batch_aug import BatchAugment
+
+    stem = ["--small-input" if args.small_input else "--no-small-input"]
+    r = bench(args.arch, args.batch_size, args.image_size, steps=3, warmup=2, device="cpu", amp="none",
+              channels_last=False, extra=["--method", method, *stem, *method_flags(args, method)])
+    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    aug, t0 = BatchAugment(size=args.image_size), time.perf_counter()
+    for _ in range(3):
+        aug(x), aug(x)
+    per_step = r["ms_per_step"] / 1000 + (time.perf_counter() - t0) / 3
+    return max(1, int(args.budget_s / per_step)), per_step
+
+
+def train_command(args, method: str, ckpt_dir: str, data: str, subset: int, epochs: int) -> list[str]:
     return [data, "-a", args.arch, "--method", method, "--image-size", str(args.image_size), "--subset",
-            str(args.subset), "--epochs", str(args.epochs), "-b", str(args.batch_size), "--lr", str(args.lr),
-            "--wd", str(args.wd), "--cos", "--aug-plus", "-j", "1", "--device", "cpu", "--seed", str(args.seed),
+            str(subset), "--epochs", str(epochs), "-b", str(args.batch_size), "--lr", str(args.lr),
+            "--wd", str(args.wd), "--cos", *AUG, "-j", "2", "--device", "cpu", "--seed", str(args.seed),
             "--no-progress", "--print-freq", "1000", "--ckpt-dir", ckpt_dir,
-            "--small-input" if args.small_input else "--no-small-input", *flags]
+            "--small-input" if args.small_input else "--no-small-input", *method_flags(args, method)]
 
 
 def knn_eval(args, data: str, ckpt: str | None) -> dict[str, float]:
     """DINO weighted kNN (k=20, T=0.07) of the backbone in ``ckpt`` (random init from ``args.seed`` if None)."""
     model = build_model(args.arch, pretrained=ckpt, small_input=args.small_input, image_size=args.image_size,
                         seed=args.seed, verbose=False)
-    tf = eval_transform(args.image_size)
-    out = {}
     feats = []
     for split, per_class in (("train", args.bank_per_class), ("val", args.val_per_class)):
-        ds = SafeImageFolder(os.path.join(data, split), tf)
-        sub = torch.utils.data.Subset(ds, subsample_per_class(ds.targets, per_class))
-        feats.append(extract_features(model, sub, batch_size=128, workers=1, device="cpu"))
+        x, y, _ = load_images(os.path.join(data, split), args.image_size, verbose=False,
+                              cache_dir=os.path.join(default_cache_dir(), "mem"))
+        keep = subsample_per_class(y.tolist(), per_class)
+        feats.append(extract_features(model, NormalizedImages(x[keep], y[keep]), batch_size=500, device="cpu"))
     (xtr, ytr), (xte, yte) = feats
-    out.update(dino_knn(xtr, ytr, xte, yte, k=20, temperature=0.07))
-    return out
+    return dino_knn(xtr, ytr, xte, yte, k=20, temperature=0.07)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -103,7 +131,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     for method in args.methods:
         ckpt_dir = os.path.join(args.out, method)
-        argv_m = train_command(args, method, ckpt_dir, data)
+        subset, epochs, per_step = args.subset, args.epochs, None
+        if args.budget_s > 0:
+            steps, per_step = budget_steps(args, method)
+            n_train = len(load_images(os.path.join(data, "train"), args.image_size, verbose=False,
+                                      cache_dir=os.path.join(default_cache_dir(), "mem"))[1])
+            epochs = -(-steps * args.batch_size // n_train)  # several passes when the budget exceeds the set
+            subset = steps // epochs * args.batch_size
+            print(f"=> {method}: {per_step * 1000:.0f} ms/step measured -> {steps} steps in {args.budget_s:.0f} s",
+                  flush=True)
+        argv_m = train_command(args, method, ckpt_dir, data, subset, epochs)
         t0 = time.time()
         status = main_moco.main(main_moco.get_args_parser().parse_args(argv_m))
         train_s = time.time() - t0
@@ -112,6 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.time()
         res = knn_eval(args, data, ckpt)
         rows.append({"method": method, "train_s": train_s, "steps": step, "loss": status.get("loss"), **res,
+                     "calibrated_s_per_step": per_step,
                      "eval_s": time.time() - t0, "command": "python main_moco.py " + " ".join(argv_m)})
         print(json.dumps(rows[-1]), flush=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -92,3 +92,19 @@ class BatchViews:
             g = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, self.sampler.epoch, it, self.rank))
             x = self.images[idx].to(self.device, non_blocking=True)
             yield [aug(x, g) for aug in self.augs], self.labels[idx], 0
+
+
+class NormalizedImages(torch.utils.data.Dataset):
+    """``(normalised float image, label)`` pairs of in-memory uint8 images: the evaluation transform of
+    :func:`smallssl.data.eval_transform` for images already at the evaluation size, without decoding."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225)):
+        self.images, self.labels = images, labels
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return (self.images[i].float() / 255.0 - self.mean) / self.std, int(self.labels[i])

@@ -112,3 +112,15 @@ def test_blur_matches_torchvision():
     out = A.gaussian_blur(x, torch.tensor(sig), 5)
     ref = torch.stack([TF.gaussian_blur(x[i], [5, 5], [s, s]) for i, s in enumerate(sig)])
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_normalized_images_equal_the_pil_eval_transform(tmp_path):
+    from smallssl.data import SafeImageFolder, eval_transform
+    from smallssl.memdata import NormalizedImages
+
+    root = os.path.join(make_image_folder(tmp_path / "d", classes=2, per_class=3, size=16), "train")
+    x, y, _ = load_images(root, 16, workers=0, verbose=False)
+    mem, pil = NormalizedImages(x, y), SafeImageFolder(root, eval_transform(16))
+    for i in range(len(pil)):
+        torch.testing.assert_close(mem[i][0], pil[i][0], atol=1e-6, rtol=0)
+        assert mem[i][1] == pil[i][1]

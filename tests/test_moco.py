@@ -99,3 +99,21 @@ def test_shuffle_bn_emulation_uses_sub_batch_statistics():
     halves = [model.encoder_k(c) for c in x[order].chunk(2)]
     expected = F.normalize(torch.cat(halves)[torch.argsort(order)], dim=1)
     torch.testing.assert_close(perm_keys, expected)
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_keys():
+    torch.manual_seed(0)
+    model = MoCo(create_backbone("resnet18", small_input=True), dim=4, K=8, m=0.0, T=0.2, mlp="v2",
+                 shuffle_bn_splits=1, symmetric=True)
+    model.eval()  # BN with running stats: an image embeds the same in any batch, so the reference can recompute
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    queue = model.queue.clone()
+    out = model([x1, x2])
+    with torch.no_grad():  # m = 0: after the update the key encoder equals the query encoder
+        z1, z2 = (F.normalize(model.encoder_q(x), dim=1) for x in (x1, x2))
+    ref = 0.5 * (info_nce(z1, z2, queue, 0.2) + info_nce(z2, z1, queue, 0.2))
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert int(model.queue_ptr) == 4  # 2 keys of each view
+    torch.testing.assert_close(model.queue[:4], torch.cat([z2, z1]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="--moco-k 8 is not a multiple of the global batch size 16"):
+        model.check_batch(8)

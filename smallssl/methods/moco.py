@@ -13,6 +13,11 @@ one process it is emulated by running the key encoder on ``shuffle_bn_splits`` r
 query encoder on the same number of sub-batches in order (SplitBatchNorm), so BN statistics of a query and
 its key never come from the same set of images.
 
+Symmetric loss (``symmetric=True``, ``--moco-symmetric``; the loss of MoCo's official CIFAR-10 demo and of
+MoCo v3): each view is both query and key, ``loss = (InfoNCE(q1, k2) + InfoNCE(q2, k1)) / 2`` against the
+same queue, and both views' keys are enqueued (K must be a multiple of twice the global batch). Twice the
+gradient signal per image for ~1.7x the compute; at short budgets it learns faster per second.
+
 The queue is stored as (K, dim) (rows are keys, the layout the fused kernel reads); checkpoints of the
 official (dim, K) layout are transposed on load.
 """
@@ -42,10 +47,11 @@ class MoCo(nn.Module):
         T: softmax temperature (``--moco-t``, 0.07; 0.2 for MoCo v2, 0.1 for the improved baseline).
         mlp: head kind, see :mod:`smallssl.heads` (``none`` = MoCo v1, ``v2`` = MoCo v2, ``wide`` = ssl-small).
         shuffle_bn_splits: sub-batches that emulate shuffle-BN in a single process (1 = off).
+        symmetric: both views serve as query and key (see the module docstring).
     """
 
     def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
-                 mlp: str = "none", shuffle_bn_splits: int = 2):
+                 mlp: str = "none", shuffle_bn_splits: int = 2, symmetric: bool = False):
         super().__init__()
         if K <= 0 or dim <= 0:
             raise ValueError(f"queue size K and dim must be positive, got K={K}, dim={dim}")
@@ -55,7 +61,7 @@ class MoCo(nn.Module):
             raise ValueError(f"temperature T must be > 0, got {T}")
         if shuffle_bn_splits < 1:
             raise ValueError(f"shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
-        self.K, self.m, self.T, self.shuffle_bn_splits = K, m, T, shuffle_bn_splits
+        self.K, self.m, self.T, self.shuffle_bn_splits, self.symmetric = K, m, T, shuffle_bn_splits, symmetric
         self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
@@ -68,7 +74,7 @@ class MoCo(nn.Module):
         return self.encoder_q.backbone
 
     def check_batch(self, global_batch: int) -> None:
-        check_queue_batch(self.K, global_batch, "--moco-k")
+        check_queue_batch(self.K, global_batch * (2 if self.symmetric else 1), "--moco-k")
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -111,16 +117,25 @@ class MoCo(nn.Module):
         order = torch.randperm(x_k.shape[0], device=x_k.device) if self.shuffle_bn_splits > 1 else None
         return F.normalize(self._split_forward(self.encoder_k, x_k, order), dim=1)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """views: [x_q, x_k], each (B, 3, H, W). Returns loss, pretext top-1 (%) and the keys' std."""
-        x_q, x_k = views[0], views[1]
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
         splits = self.shuffle_bn_splits if sdist.get_world_size() == 1 else 1
-        q = self.encoder_q(x_q) if splits == 1 else torch.cat([self.encoder_q(c) for c in x_q.chunk(splits)])
-        q = F.normalize(q.float(), dim=1)
+        q = self.encoder_q(x) if splits == 1 else torch.cat([self.encoder_q(c) for c in x.chunk(splits)])
+        return F.normalize(q.float(), dim=1)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """views: [x_q, x_k], each (B, 3, H, W). Returns loss and pretext top-1 (%)."""
+        x_q, x_k = views[0], views[1]
+        q = self._queries(x_q)
+        q2 = self._queries(x_k) if self.symmetric else None
         with torch.no_grad():
             self.momentum_update()
             k = self._keys(x_k).float()
+            k2 = self._keys(x_q).float() if self.symmetric else None
         queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
         loss, acc1 = info_nce(q, k, queue, self.T, return_accuracy=True)
+        if self.symmetric:
+            loss2, acc2 = info_nce(q2, k2, queue, self.T, return_accuracy=True)
+            loss, acc1 = 0.5 * (loss + loss2), 0.5 * (acc1 + acc2)
+            k = torch.cat([k, k2])
         self.enqueue(sdist.all_gather_cat(k))
         return {"loss": loss, "acc1": acc1}
