@@ -47,6 +47,9 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "byol": ["--byol-m", "0.99", "--byol-dim", "256", "--byol-hidden", "4096"],
     "simsiam": ["--simsiam-dim", "2048", "--simsiam-pred-dim", "512", "--simsiam-proj-layers", "2"],
     "barlow": ["--barlow-proj", "2048-2048-2048", "--barlow-lambda", "5e-3"],
+    # the `make demo` recipe (tuned for short CPU budgets: symmetric loss, small fresh queue, low lr)
+    "moco-demo": ["--method", "moco", "--mlp", "--moco-dim", "128", "--moco-t", "0.2", "--moco-m", "0.9",
+                  "--moco-k", "512", "--moco-symmetric", "--lr", "0.02"],
 }
 AUG = ["--aug-plus", "--gaussian-blur", "0", "--batch-aug"]
 
@@ -61,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default=1024, type=int, help="training images with --budget-s 0")
     p.add_argument("--epochs", default=1, type=int, help="epochs with --budget-s 0")
     p.add_argument("-b", "--batch-size", default=128, type=int)
-    p.add_argument("--lr", default=0.06, type=float)
+    p.add_argument("--lr", default=0.06, type=float, help="shared lr (lightly's CIFAR-10 benchmark: 0.06 x b/256)")
     p.add_argument("--wd", default=5e-4, type=float)
     p.add_argument("--image-size", default=32, type=int)
     p.add_argument("--small-input", default=True, action=argparse.BooleanOptionalAction,
@@ -75,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def method_flags(args, method: str) -> list[str]:
-    flags = list(METHOD_FLAGS[method])
+    """``--method NAME`` plus the entry's flags (an entry's own ``--method``/``--lr`` come later and win)."""
+    flags = ["--method", method.split("-")[0], *METHOD_FLAGS[method]]
     if method == "moco":  # the queue must be a multiple of the batch
         flags[flags.index("--moco-k") + 1] = str(max(args.batch_size, 4096 // args.batch_size * args.batch_size))
     return flags
@@ -87,7 +91,7 @@ def budget_steps(args, method: str) -> tuple[int, float]:
 
     stem = ["--small-input" if args.small_input else "--no-small-input"]
     r = bench(args.arch, args.batch_size, args.image_size, steps=3, warmup=2, device="cpu", amp="none",
-              channels_last=False, extra=["--method", method, *stem, *method_flags(args, method)])
+              channels_last=False, extra=[*stem, *method_flags(args, method)])
     x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
     aug, t0 = BatchAugment(size=args.image_size), time.perf_counter()
     for _ in range(3):
@@ -97,7 +101,7 @@ def budget_steps(args, method: str) -> tuple[int, float]:
 
 
 def train_command(args, method: str, ckpt_dir: str, data: str, subset: int, epochs: int) -> list[str]:
-    return [data, "-a", args.arch, "--method", method, "--image-size", str(args.image_size), "--subset",
+    return [data, "-a", args.arch, "--image-size", str(args.image_size), "--subset",
             str(subset), "--epochs", str(epochs), "-b", str(args.batch_size), "--lr", str(args.lr),
             "--wd", str(args.wd), "--cos", *AUG, "-j", "2", "--device", "cpu", "--seed", str(args.seed),
             "--no-progress", "--print-freq", "1000", "--ckpt-dir", ckpt_dir,
