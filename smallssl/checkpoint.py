@@ -69,11 +69,16 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def save_checkpoint(state: dict, ckpt_dir: str, epoch: int, keep_last: int = 0) -> str:
-    """Write ``ckpt_dir/checkpoint_{epoch:04d}.pth.tar`` atomically; keep only the last ``keep_last`` (0 = all)."""
+    """Write ``ckpt_dir/checkpoint_{epoch:04d}.pth.tar`` atomically; keep only the last ``keep_last`` (0 = all).
+
+    Pruning counts only checkpoints up to ``epoch``: files of later epochs (left by another run in a reused
+    directory) are neither counted nor deleted, and the file just written is never removed.
+    """
     path = os.path.join(ckpt_dir, CKPT_PATTERN.format(epoch=epoch))
     atomic_save(state, path)
     if keep_last > 0:
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        upto = [p for p in list_checkpoints(ckpt_dir) if int(_CKPT_RE.search(p).group(1)) <= epoch]
+        for old in upto[:-keep_last]:
             os.remove(old)
     return path
 

@@ -31,6 +31,14 @@ def test_keep_last_and_latest(tmp_path):
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_0004.pth.tar")
 
 
+def test_keep_last_ignores_a_previous_runs_later_epochs(tmp_path):
+    save_checkpoint({"epoch": 9}, str(tmp_path), 9)  # left by an older, longer run in the same directory
+    for e in (1, 2, 3):
+        save_checkpoint({"epoch": e}, str(tmp_path), e, keep_last=1)
+        assert os.path.exists(tmp_path / f"checkpoint_{e:04d}.pth.tar")  # the new file is never pruned
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0003.pth.tar", "checkpoint_0009.pth.tar"]
+
+
 def test_corrupt_and_missing_files(tmp_path):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"garbage")
