@@ -12,7 +12,8 @@ function); reach a submodule with ``importlib.import_module("kernels.info_nce")`
 from kernels._triton_utils import HAS_TRITON, triton_enabled
 from kernels.info_nce import info_nce, info_nce_reference
 from kernels.nt_xent import nt_xent, nt_xent_reference
+from kernels.seed_distill import seed_distill, seed_distill_reference
 from kernels.sinkhorn import sinkhorn, sinkhorn_reference
 
 __all__ = ["HAS_TRITON", "triton_enabled", "info_nce", "info_nce_reference", "nt_xent", "nt_xent_reference",
-           "sinkhorn", "sinkhorn_reference"]
+           "seed_distill", "seed_distill_reference", "sinkhorn", "sinkhorn_reference"]

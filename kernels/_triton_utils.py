@@ -53,6 +53,23 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
+def split_plan(n_keys: int, block_k: int, n_row_blocks: int, bytes_per_split: int, device: torch.device,
+               splits: int | None = None) -> tuple[int, int]:
+    """(slices, key blocks per slice) for a split-K launch over ``n_keys`` keys in blocks of ``block_k``.
+
+    ``splits`` defaults to enough programs (``n_row_blocks`` per slice) for two waves over the device's
+    SMs, capped so the slices' fp32 partials (``bytes_per_split`` each) stay under 8 MB. Every slice gets
+    at least one block (a slice can be shorter than the others, never empty); no keys still give one slice.
+    """
+    k_blocks = max(1, -(-n_keys // block_k))
+    if splits is None:
+        splits = -(-2 * num_sms(device) // n_row_blocks)
+        splits = min(splits, max(1, (8 << 20) // max(1, bytes_per_split)))
+    splits = max(1, min(splits, k_blocks))
+    per_split = -(-k_blocks // splits)
+    return -(-k_blocks // per_split), per_split
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before Triton's import)."""
     return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -26,16 +26,19 @@ from kernels._triton_utils import HAS_TRITON
 
 info_nce_mod = importlib.import_module("kernels.info_nce")
 nt_xent_mod = importlib.import_module("kernels.nt_xent")
+seed_mod = importlib.import_module("kernels.seed_distill")
 sinkhorn_mod = importlib.import_module("kernels.sinkhorn")
 
 FULL = {
     "info_nce": [(256, 128, 65536), (1024, 128, 16384)],
     "nt_xent": [(8192, 128), (32768, 128)],
+    "seed_distill": [(256, 128, 65536)],
     "sinkhorn": [(256, 3000, 3), (4096, 3000, 3), (1024, 16384, 10), (128, 65536, 3)],
 }
 QUICK = {
     "info_nce": [(256, 128, 16384)],
     "nt_xent": [(1024, 128)],
+    "seed_distill": [(256, 128, 16384)],
     "sinkhorn": [(256, 3000, 3), (1024, 3000, 3)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,6 +150,17 @@ def _rows_for(op: str, shape: tuple, dtype: torch.dtype, device: torch.device, p
         }
         ref, inputs, bwd, eager_bytes = info_nce_mod.info_nce_reference, [q, key], True, 5 * b * (k + 1) * 4
         args = (q, key, queue, 0.2)
+    elif op == "seed_distill":
+        b, d, k = shape
+        s, t, queue = unit(b, d).requires_grad_(), unit(b, d), unit(k, d)
+        temps = (0.2, 1e-4)  # SEED's student and teacher temperatures
+        impls = {
+            "eager": lambda: seed_mod.seed_distill_reference(s, t, queue, *temps),
+            "chunked": lambda: seed_mod._SeedDistillFn.apply(s, t, queue, *temps, seed_mod._stats_chunked),
+            "triton": lambda: seed_mod._SeedDistillFn.apply(s, t, queue, *temps, seed_mod._stats_triton),
+        }
+        ref, inputs, bwd, eager_bytes = seed_mod.seed_distill_reference, [s], True, 8 * b * (k + 1) * 4
+        args = (s, t, queue, *temps)
     elif op == "nt_xent":
         n, d = shape
         z1, z2 = unit(n, d).requires_grad_(), unit(n, d).requires_grad_()
@@ -189,7 +203,7 @@ _MEM_BUDGET = [4 * 2**30]
 
 
 def _shape_str(op: str, shape: tuple) -> str:
-    if op == "info_nce":
+    if op in ("info_nce", "seed_distill"):
         return "B={} D={} K={}".format(*shape)
     if op == "nt_xent":
         return "2N={} D={}".format(2 * shape[0], shape[1])
@@ -201,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--quick", action="store_true", help="small shapes (minutes on a 2-core CPU)")
     p.add_argument("--compile", action="store_true", help="also torch.compile rows on CPU (always on CUDA)")
     p.add_argument("--dtype", default=None, help="fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
-    p.add_argument("--ops", default="info_nce,nt_xent,sinkhorn")
+    p.add_argument("--ops", default="info_nce,nt_xent,seed_distill,sinkhorn")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip CPU eager rows needing more")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

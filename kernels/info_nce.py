@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, num_sms, triton, triton_enabled
+from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, split_plan, triton, triton_enabled
 
 if HAS_TRITON:
     import triton.language as tl
@@ -195,13 +195,7 @@ def _stats_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     K = queue.shape[0]
     block_d = next_pow2(D)
     n_rb = triton.cdiv(B, block_b)
-    k_blocks = max(1, triton.cdiv(K, block_k))
-    if splits is None:
-        splits = triton.cdiv(2 * num_sms(q.device), n_rb)
-        splits = min(splits, max(1, (8 << 20) // max(1, B * D * 4)))
-    splits = max(1, min(splits, k_blocks))
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)  # no empty slices
+    splits, per_split = split_plan(K, block_k, n_rb, B * D * 4, q.device, splits)
     f32 = dict(device=q.device, dtype=torch.float32)
     m_part = torch.empty(splits, B, **f32)
     l_part = torch.empty(splits, B, **f32)

@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 
 info_nce_mod = importlib.import_module("kernels.info_nce")
 nt_xent_mod = importlib.import_module("kernels.nt_xent")
+seed_mod = importlib.import_module("kernels.seed_distill")
 sinkhorn_mod = importlib.import_module("kernels.sinkhorn")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -68,6 +69,45 @@ def test_info_nce_gpu_memory_and_dispatch():
     assert (torch.cuda.max_memory_allocated() - base) / 2**20 <= 16  # the issue's target: <= 16 MB extra
     _, logits = info_nce_mod.info_nce_reference(q.detach().float(), key.float(), queue.float(), 0.2, True)
     assert abs(acc1.item() - (logits.argmax(1) == 0).float().mean().item() * 100) <= 100 / 256 + 1e-4
+
+
+def _seed_same_dtype(s, t, queue, ts, tt):
+    """Eager SEED with the similarities in the input dtype (as under autocast), softmaxes in fp32."""
+    z_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.t()], 1).float() / ts
+    z_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.t()], 1).float() / tt
+    return -(torch.softmax(z_t, 1) * torch.log_softmax(z_s, 1)).sum(1).mean()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tt", [1e-4, 0.05])
+@pytest.mark.parametrize("b,d,k", [(256, 128, 65536), (1024, 128, 16384), (33, 96, 1001)])
+def test_seed_distill_gpu(b, d, k, tt, dtype):
+    torch.manual_seed(0)
+    s, t, queue = _unit(b, d, dtype=dtype), _unit(b, d, dtype=dtype), _unit(k, d, dtype=dtype)
+    triton_fn = lambda a: seed_mod._SeedDistillFn.apply(a, t, queue, 0.2, tt, seed_mod._stats_triton)  # noqa
+    got = _loss_and_grads(triton_fn, [s])
+    same = _loss_and_grads(lambda a: _seed_same_dtype(a, t, queue, 0.2, tt), [s])
+    ref = _loss_and_grads(lambda a: seed_mod.seed_distill_reference(a, t.double(), queue.double(), 0.2, tt),
+                          [s.double()])
+    _check(got, same, ref)
+
+
+def test_seed_distill_gpu_memory_and_dispatch():
+    torch.manual_seed(0)
+    s = _unit(256, 128, dtype=torch.bfloat16).requires_grad_()
+    t, queue = _unit(256, 128, dtype=torch.bfloat16), _unit(65536, 128, dtype=torch.bfloat16)
+    import kernels
+    kernels.seed_distill(s, t, queue, 0.2, 1e-4).backward()  # warm-up / compile
+    s.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = kernels.seed_distill(s, t, queue, 0.2, 1e-4)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert (torch.cuda.max_memory_allocated() - base) / 2**20 <= 16  # eager needs ~0.5 GB of logits
+    ref = seed_mod.seed_distill_reference(s.detach().double(), t.double(), queue.double(), 0.2, 1e-4)
+    assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
