@@ -270,13 +270,10 @@ def build_batch_augs(args: argparse.Namespace) -> list:
     """The two views of :func:`build_transform` as :class:`smallssl.batch_aug.BatchAugment` (``--batch-aug``)."""
     from smallssl.batch_aug import BatchAugment
 
-    if args.cj is not None:
-        jitter, jitter_p = (0.8 * args.cj,) * 3 + (min(0.5, 0.4 * args.cj),), 0.8
-    elif args.aug_plus:
-        jitter, jitter_p = (0.4, 0.4, 0.4, 0.1), 0.8
-    else:  # MoCo v1
-        jitter, jitter_p = (0.4, 0.4, 0.4, 0.4), 1.0
-    blur = args.gaussian_blur if args.gaussian_blur is not None else (0.5 if args.aug_plus else 0.0)
+    from smallssl.data import blur_prob, jitter_params
+
+    jitter, jitter_p = jitter_params(args.aug_plus, args.cj)
+    blur = blur_prob(args.aug_plus, args.gaussian_blur)
     common = dict(size=args.image_size, scale=(args.min_crop_scale, 1.0), jitter=jitter, jitter_p=jitter_p,
                   grey_p=0.2 if args.grey_scale is None else args.grey_scale)
     if args.method == "byol" and args.byol_aug == "asym":

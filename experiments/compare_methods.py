@@ -108,17 +108,23 @@ def train_command(args, method: str, ckpt_dir: str, data: str, subset: int, epoc
             "--small-input" if args.small_input else "--no-small-input", *method_flags(args, method)]
 
 
-def knn_eval(args, data: str, ckpt: str | None) -> dict[str, float]:
-    """DINO weighted kNN (k=20, T=0.07) of the backbone in ``ckpt`` (random init from ``args.seed`` if None)."""
-    model = build_model(args.arch, pretrained=ckpt, small_input=args.small_input, image_size=args.image_size,
-                        seed=args.seed, verbose=False)
-    feats = []
+def eval_sets(args, data: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The kNN bank (train) and queries (val) as in-memory uint8 images and labels, read once per run."""
+    sets = []
     for split, per_class in (("train", args.bank_per_class), ("val", args.val_per_class)):
         x, y, _ = load_images(os.path.join(data, split), args.image_size, verbose=False,
                               cache_dir=os.path.join(default_cache_dir(), "mem"))
         keep = subsample_per_class(y.tolist(), per_class)
-        feats.append(extract_features(model, NormalizedImages(x[keep], y[keep]), batch_size=500, device="cpu"))
-    (xtr, ytr), (xte, yte) = feats
+        sets.append((x[keep], y[keep]))
+    return sets
+
+
+def knn_eval(args, sets: list[tuple[torch.Tensor, torch.Tensor]], ckpt: str | None) -> dict[str, float]:
+    """DINO weighted kNN (k=20, T=0.07) of the backbone in ``ckpt`` (random init from ``args.seed`` if None)."""
+    model = build_model(args.arch, pretrained=ckpt, small_input=args.small_input, image_size=args.image_size,
+                        seed=args.seed, verbose=False)
+    (xtr, ytr), (xte, yte) = (extract_features(model, NormalizedImages(x, y), batch_size=500, device="cpu")
+                              for x, y in sets)
     return dino_knn(xtr, ytr, xte, yte, k=20, temperature=0.07)
 
 
@@ -129,7 +135,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     t0 = time.time()
-    res = knn_eval(args, data, None)
+    sets = eval_sets(args, data)
+    n_train = len(load_images(os.path.join(data, "train"), args.image_size, verbose=False,
+                              cache_dir=os.path.join(default_cache_dir(), "mem"))[1])
+    res = knn_eval(args, sets, None)
     rows.append({"method": "random init", "train_s": 0.0, "steps": 0, "loss": None, **res,
                  "eval_s": time.time() - t0, "command": "(no training)"})
     print(json.dumps(rows[-1]), flush=True)
@@ -138,8 +147,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         subset, epochs, per_step = args.subset, args.epochs, None
         if args.budget_s > 0:
             steps, per_step = budget_steps(args, method)
-            n_train = len(load_images(os.path.join(data, "train"), args.image_size, verbose=False,
-                                      cache_dir=os.path.join(default_cache_dir(), "mem"))[1])
             epochs = -(-steps * args.batch_size // n_train)  # several passes when the budget exceeds the set
             subset = steps // epochs * args.batch_size
             print(f"=> {method}: {per_step * 1000:.0f} ms/step measured -> {steps} steps in {args.budget_s:.0f} s",
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ckpt = status["checkpoint"]
         step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
         t0 = time.time()
-        res = knn_eval(args, data, ckpt)
+        res = knn_eval(args, sets, ckpt)
         rows.append({"method": method, "train_s": train_s, "steps": step, "loss": status.get("loss"), **res,
                      "calibrated_s_per_step": per_step,
                      "eval_s": time.time() - t0, "command": "python main_moco.py " + " ".join(argv_m)})

@@ -63,16 +63,19 @@ def _torchvision_cifar10(cache: str) -> str:
     return root
 
 
-def knn_eval(arch: str, ckpt: str | None, data: str, image_size: int, small_input: bool, batch: int,
-             cache: str) -> dict[str, float]:
-    """DINO kNN of ``arch`` (weights from ``ckpt``, or random init from seed 0) with the in-memory 32 px images
-    (the same tensors as ``smallssl.data.eval_transform(32)`` gives, without decoding)."""
+def eval_sets(data: str, image_size: int, cache: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Train (bank) and val (queries) as in-memory uint8 images and labels, decoded once and cached."""
+    return [load_images(os.path.join(data, split), image_size, cache_dir=os.path.join(cache, "mem"))[:2]
+            for split in ("train", "val")]
+
+
+def knn_eval(arch: str, ckpt: str | None, sets: list[tuple[torch.Tensor, torch.Tensor]], image_size: int,
+             small_input: bool, batch: int) -> dict[str, float]:
+    """DINO kNN of ``arch`` (weights from ``ckpt``, or random init from seed 0) on the in-memory images
+    (the same tensors as ``smallssl.data.eval_transform`` gives at their size, without decoding)."""
     model = build_model(arch, ckpt, small_input=small_input, image_size=image_size, seed=0, verbose=False)
-    feats = []
-    for split in ("train", "val"):
-        x, y, _ = load_images(os.path.join(data, split), image_size, cache_dir=os.path.join(cache, "mem"))
-        feats.append(extract_features(model, NormalizedImages(x, y), batch_size=batch))
-    (f_train, y_train), (f_val, y_val) = feats
+    (f_train, y_train), (f_val, y_val) = (extract_features(model, NormalizedImages(x, y), batch_size=batch)
+                                          for x, y in sets)
     return dino_knn(f_train, y_train, f_val, y_val, k=20, temperature=0.07)
 
 
@@ -107,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         main_moco.main(args)
     t_train = time.time() - t0
     print("=> kNN (dino protocol: cosine, weighted, k=20, T=0.07; bank cifar10/train, queries cifar10/val)")
-    res_rand = knn_eval("resnet18", None, data, 32, False, 500, cache)
-    res_pre = knn_eval("resnet18", ckpt, data, 32, False, 500, cache)
+    sets = eval_sets(data, 32, cache)
+    res_rand = knn_eval("resnet18", None, sets, 32, False, 500)
+    res_pre = knn_eval("resnet18", ckpt, sets, 32, False, 500)
     total = time.time() - t0
     print("\n| encoder | kNN top-1 | kNN top-5 |\n|---|---|---|")
     print(f"| resnet18 random init | {res_rand['top1']:.2f} | {res_rand['top5']:.2f} |")

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import blur_kernel_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -133,7 +135,7 @@ class BatchAugment:
     grey_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 0  # 0: ~10% of the side, odd (as smallssl.data)
+    blur_kernel: int = 0  # 0: smallssl.data.blur_kernel_size(size), as the PIL pipeline
     solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -161,7 +163,7 @@ class BatchAugment:
         n, dev = x.shape[0], x.device
         on = torch.rand(n, generator=g, device=dev) < self.blur_p
         sigma = _uniform(n, self.blur_sigma[0], self.blur_sigma[1], g, dev)
-        k = self.blur_kernel or max(3, int(0.1 * self.size)) | 1
+        k = self.blur_kernel or blur_kernel_size(self.size)
         if k // 2 >= min(x.shape[-2:]):
             raise ValueError(f"blur kernel {k} is too large for {tuple(x.shape[-2:])} images")
         return torch.where(on.view(-1, 1, 1, 1), gaussian_blur(x, sigma, k), x)

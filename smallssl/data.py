@@ -31,9 +31,25 @@ class CorruptImageError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ transforms
-def _blur_kernel(image_size: int) -> int:
+def blur_kernel_size(image_size: int) -> int:
+    """Odd Gaussian-blur kernel side, ~10% of the image side (as SimCLR)."""
     k = max(3, int(0.1 * image_size))  # ~10% of the side, as in SimCLR
     return k if k % 2 == 1 else k + 1
+
+
+def jitter_params(aug_plus: bool = False, cj: float | None = None) -> tuple[tuple[float, ...], float]:
+    """ColorJitter (brightness, contrast, saturation, hue) and the probability it is applied with: MoCo v1
+    (0.4 x 4, always), MoCo v2 (0.4, 0.4, 0.4, 0.1; p 0.8) or ssl-small's ``cj=c`` (0.8c x 3, min(0.5, 0.4c); p 0.8)."""
+    if cj is not None:
+        return (0.8 * cj, 0.8 * cj, 0.8 * cj, min(0.5, 0.4 * cj)), 0.8
+    if aug_plus:
+        return (0.4, 0.4, 0.4, 0.1), 0.8
+    return (0.4, 0.4, 0.4, 0.4), 1.0
+
+
+def blur_prob(aug_plus: bool = False, gaussian_blur: float | None = None) -> float:
+    """``gaussian_blur`` when given, else MoCo v2's 0.5 with ``aug_plus`` and none for v1."""
+    return gaussian_blur if gaussian_blur is not None else (0.5 if aug_plus else 0.0)
 
 
 def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float | None = None,
@@ -54,17 +70,15 @@ def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float 
     if cj is not None and cj < 0:
         raise ValueError(f"cj (colour-jitter strength) must be >= 0, got {cj}")
     ops: list = [T.RandomResizedCrop(image_size, scale=(min_scale, max_scale))]
+    jitter, jitter_p = jitter_params(aug_plus, cj)
     if aug_plus or cj is not None:
-        if cj is not None:
-            jitter = T.ColorJitter(0.8 * cj, 0.8 * cj, 0.8 * cj, min(0.5, 0.4 * cj))
-        else:
-            jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
-        ops += [T.RandomApply([jitter], p=0.8), T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale)]
+        ops += [T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+                T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale)]
     else:
-        ops += [T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
-    blur_p = gaussian_blur if gaussian_blur is not None else (0.5 if aug_plus else 0.0)
+        ops += [T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale), T.ColorJitter(*jitter)]
+    blur_p = blur_prob(aug_plus, gaussian_blur)
     if blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=blur_p))
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=blur_p))
     if solarize > 0:
         ops.append(T.RandomSolarize(128, p=solarize))
     ops += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -20,14 +20,6 @@ from .checkpoint import atomic_save
 from .data import SafeImageFolder
 
 
-class _Decode:
-    def __init__(self, size: int):
-        self.tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-
-    def __call__(self, img):
-        return self.tf(img)
-
-
 def _fingerprint(root: str, samples: list[tuple[str, int]], size: int) -> str:
     h = hashlib.sha1(f"{os.path.abspath(root)}|{size}|{len(samples)}".encode())
     for path, label in samples:
@@ -42,7 +34,8 @@ def load_images(root: str, size: int, cache_dir: str | None = None, workers: int
     Images are resized (shorter side) and centre-cropped to ``size``. An unreadable image raises
     :class:`smallssl.data.CorruptImageError` naming the file.
     """
-    ds = SafeImageFolder(root, _Decode(size))
+    ds = SafeImageFolder(root, transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
+                                                   transforms.PILToTensor()]))
     key = _fingerprint(root, ds.samples, size)
     path = os.path.join(cache_dir, f"images-{key}.pt") if cache_dir else None
     if path and os.path.exists(path):

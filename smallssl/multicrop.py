@@ -16,15 +16,10 @@ from collections.abc import Sequence
 
 import torchvision.transforms as T
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform
+from .data import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, blur_kernel_size
 
 SWAV_IMAGENET = dict(nmb_crops=(2, 6), size_crops=(224, 96), min_scale_crops=(0.14, 0.05),
                      max_scale_crops=(1.0, 0.14))
-
-
-def _blur_kernel(size: int) -> int:
-    k = max(3, int(0.1 * size))  # ~10% of the side (SimCLR); odd
-    return k if k % 2 == 1 else k + 1
 
 
 def swav_view_transform(size: int, min_scale: float, max_scale: float, cj: float | None = None,
@@ -36,7 +31,7 @@ def swav_view_transform(size: int, min_scale: float, max_scale: float, cj: float
                  T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s))], p=0.8),
                  T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale)]
     if blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p))
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p))
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(ops)
 
