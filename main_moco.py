@@ -30,8 +30,8 @@ from torch.multiprocessing.spawn import ProcessException
 from smallssl import dist as sdist
 from smallssl import preempt
 from smallssl.backbones import BACKBONES, create_backbone
-from smallssl.checkpoint import (CheckpointError, atomic_save, latest_checkpoint,
-                                 load_checkpoint_file, restart_load, save_checkpoint)
+from smallssl.checkpoints import (CheckpointError, atomic_save, build_teacher, latest_checkpoint,
+                                  load_checkpoint_file, restart_load, save_checkpoint)
 from smallssl.datasets_cache import default_cache_dir
 from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder, SeededViews, collate_skip_bad,
                            fixed_subset, pretrain_transform, two_crops)
@@ -40,8 +40,9 @@ from smallssl.logging import RunLogger
 from smallssl.methods import METHODS
 from smallssl.queue import check_queue_batch
 from smallssl.optim import build_optimizer, lr_at, param_groups, set_lr
-from smallssl.train_state import (LAST_CKPT, SHARDED_LAST, SHARDED_PATTERN, all_rng_states, resolve_resume,
-                                  resume_exact, resume_sharded, save_sharded_checkpoint, training_state)
+from smallssl.checkpoints.resume import (LAST_CKPT, SHARDED_LAST, SHARDED_PATTERN, all_rng_states, resolve_resume,
+                                         resume_exact, training_state)
+from smallssl.checkpoints.sharded import resume_sharded, save_sharded_checkpoint
 
 
 
@@ -214,8 +215,6 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
         return METHODS["barlow"](backbone, projector=parse_sizes(args.barlow_proj), lambd=args.barlow_lambda,
                                  bias_lr_scale=args.barlow_bias_lr_scale)
     if args.method == "seed":
-        from smallssl.methods.seed import build_teacher
-
         small_input = args.image_size <= 64 if args.small_input is None else args.small_input
         teacher = build_teacher(args.teacher_arch, args.teacher_ckpt, small_input=args.teacher_small_input,
                                 default_small_input=small_input, proj=args.teacher_proj, dim=args.seed_dim,

@@ -1,6 +1,6 @@
 """Shared by every eval CLI: build a backbone, load a checkpoint, extract features (cached, sharded).
 
-* :func:`build_model`: ``create_backbone(arch, small_input)`` + :func:`smallssl.checkpoint.load_backbone`
+* :func:`build_model`: ``create_backbone(arch, small_input)`` + :func:`smallssl.checkpoints.load_backbone`
   (prints the loaded / missing report; a checkpoint that does not fit raises ``CheckpointMismatchError``).
   No checkpoint = random init from ``seed``: one network serves train and test features.
 * :func:`extract_features`: model in **eval mode** (BN running statistics: ImageFolder yields samples in
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from smallssl.backbones import create_backbone
-from smallssl.checkpoint import load_backbone
+from smallssl.checkpoints import load_backbone
 from smallssl.datasets_cache import ALIASES, default_cache_dir, prepare_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

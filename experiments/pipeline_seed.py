@@ -5,7 +5,8 @@ Stages (each a ``main_moco.main`` run in this process, so every flag behaves as 
 
 1. ``teacher``: MoCo v2 pretraining of the big model (``--teacher-arch``, ResNet-18);
 2. ``seed``: SEED distillation of the teacher into the small student (``--student-arch``, MobileNetV3-small);
-3. ``convert``: :func:`smallssl.checkpoint.distill_ckpt2moco_ckpt` (student -> ``encoder_q``, teacher dropped);
+3. ``convert``: :func:`smallssl.checkpoints.seed2moco.distill_ckpt2moco_ckpt` (student -> ``encoder_q``, teacher
+   dropped);
 4. ``restart``: MoCo (ssl-small improved baseline) ``--resume converted_... --restart`` for ``--restart-epochs``;
 5. ``moco-only``: the same student trained with MoCo alone, for the SEED budget and for SEED + restart's;
 6. kNN (DINO protocol: cosine, k=20, T=0.07) of every model and a random-init student; one table.
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     seed_ckpt, seed_steps, seed_wall = st["checkpoint"], _steps(st["checkpoint"]), wall
     record("SEED student", args.student_arch, seed_ckpt, seed_steps, seed_wall)
 
-    from smallssl.checkpoint import distill_ckpt2moco_ckpt
+    from smallssl.checkpoints.seed2moco import distill_ckpt2moco_ckpt
 
     converted = distill_ckpt2moco_ckpt(seed_ckpt)
     st, wall = _train(common + student_recipe + ["--method", "moco", *q, "--epochs", str(args.restart_epochs),
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _steps(ckpt: str) -> int:
-    from smallssl.checkpoint import load_checkpoint_file
+    from smallssl.checkpoints import load_checkpoint_file
 
     return int(load_checkpoint_file(ckpt).get("step", 0))
 

@@ -27,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import atomic_save, load_checkpoint_file, state_dict_of
-from .sliced import SLICE_LIST, consolidated_to_sliced, sliced_to_consolidated
+from .checkpoints.io import atomic_save, load_checkpoint_file
+from .checkpoints.report import state_dict_of
+from .checkpoints.sliced import SLICE_LIST, consolidated_to_sliced, sliced_to_consolidated
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
@@ -64,8 +65,8 @@ def _check_arch(arch: str | None, source, rename) -> None:
     if not arch:
         return
     from .backbones import create_backbone
-    from .checkpoint import LoadReport
-    from .sliced import LazyStateDict
+    from .checkpoints.report import LoadReport
+    from .checkpoints.sliced import LazyStateDict
 
     with torch.device("meta"):
         target = {k: tuple(v.shape) for k, v in create_backbone(arch).state_dict().items()}
@@ -95,7 +96,7 @@ def _vissl_args(p: argparse.ArgumentParser) -> None:
 @register_subcommand("vissl2smallssl", "VISSL/SEER checkpoint -> smallssl (raw RegNet keys + vissl_heads)",
                      _vissl_args)
 def _vissl2smallssl(args: argparse.Namespace) -> None:
-    from .vissl import open_vissl, rename_sliced, vissl_to_smallssl_key, vissl_to_smallssl_state
+    from .checkpoints.vissl import open_vissl, rename_sliced, vissl_to_smallssl_key, vissl_to_smallssl_state
 
     if _is_sliced(args.input):
         trunk, _, _ = open_vissl(args.input)
@@ -123,7 +124,7 @@ def _to_vissl_args(p: argparse.ArgumentParser) -> None:
 
 @register_subcommand("smallssl2vissl", "smallssl RegNet checkpoint -> VISSL layout", _to_vissl_args)
 def _smallssl2vissl(args: argparse.Namespace) -> None:
-    from .vissl import save_vissl_checkpoint
+    from .checkpoints.vissl import save_vissl_checkpoint
 
     state = state_dict_of(load_checkpoint_file(args.input))
     prefix = args.prefix
@@ -163,7 +164,7 @@ def _dcp_args(p: argparse.ArgumentParser) -> None:
 
 @register_subcommand("dcp2consolidated", "FSDP2 sharded (torch.distributed.checkpoint) -> one file", _dcp_args)
 def _dcp2consolidated(args: argparse.Namespace) -> None:
-    from .fsdp import dcp_to_consolidated
+    from .checkpoints.sharded import dcp_to_consolidated
 
     dcp_to_consolidated(args.input, args.output, include_optimizer=not args.no_optimizer)
     print(f"=> wrote {args.output}")
@@ -171,7 +172,7 @@ def _dcp2consolidated(args: argparse.Namespace) -> None:
 
 @register_subcommand("dcp2sliced", "FSDP2 sharded -> sliced (model tensors), one tensor at a time", _io)
 def _dcp2sliced(args: argparse.Namespace) -> None:
-    from .fsdp import dcp_to_sliced
+    from .checkpoints.sharded import dcp_to_sliced
 
     dcp_to_sliced(args.input, args.output)
     print(f"=> wrote sliced index {args.output}")
@@ -185,7 +186,7 @@ def _seed2moco_args(p: argparse.ArgumentParser) -> None:
 
 @register_subcommand("seed2moco", "SEED checkpoint -> MoCo checkpoint for --resume ... --restart", _seed2moco_args)
 def _seed2moco(args: argparse.Namespace) -> None:
-    from .seed_convert import distill_ckpt2moco_ckpt
+    from .checkpoints.seed2moco import distill_ckpt2moco_ckpt
 
     distill_ckpt2moco_ckpt(args.input, args.output, keep_queue=args.keep_queue)
 

@@ -16,7 +16,7 @@ import os
 import torch
 from torchvision import transforms
 
-from .checkpoint import atomic_save
+from .checkpoints.io import atomic_save
 from .data import SafeImageFolder
 
 

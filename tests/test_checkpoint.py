@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from smallssl.backbones import create_backbone
-from smallssl.checkpoint import (CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
+from smallssl.checkpoints import (CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
                                  load_backbone, load_checkpoint_file, save_checkpoint)
 
 

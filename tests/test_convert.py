@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from smallssl.backbones import create_backbone
-from smallssl.checkpoint import CheckpointMismatchError, load_backbone
+from smallssl.checkpoints import CheckpointMismatchError, load_backbone
 from smallssl.convert import main as convert
-from smallssl.sliced import SlicedCheckpoint, consolidated_to_sliced, load_tensors, sliced_to_consolidated
-from smallssl.vissl import (load_vissl_trunk, save_vissl_checkpoint, smallssl_to_vissl_key, to_vissl_checkpoint,
-                            vissl_to_smallssl_key)
+from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced, load_tensors, sliced_to_consolidated
+from smallssl.checkpoints.vissl import (load_vissl_trunk, save_vissl_checkpoint, smallssl_to_vissl_key,
+                                       to_vissl_checkpoint, vissl_to_smallssl_key)
 
 SEER10B_GROUPS = [[2], [7], [9, 17], []]  # VISSL regnet10B.yaml stage_checkpoints
 

@@ -13,7 +13,7 @@ from torchvision.datasets import ImageFolder
 from eval import instdisc, knn, stats_dist
 from eval.features import build_model, eval_transform, extract_features
 from experiments.sample_augs import sample_augs
-from smallssl.checkpoint import CheckpointMismatchError
+from smallssl.checkpoints import CheckpointMismatchError
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
 

@@ -27,10 +27,10 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from smallssl.backbones import create_backbone
-    from smallssl.fsdp import (dcp_to_consolidated, dcp_to_sliced, enable_activation_checkpointing, fsdp_wrap,
-                               load_sharded, save_sharded)
+    from smallssl.checkpoints.sharded import dcp_to_consolidated, dcp_to_sliced, load_sharded, save_sharded
+    from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
     from smallssl.lars import LARS, lars_param_groups
-    from smallssl.sliced import SlicedCheckpoint, consolidated_to_sliced
+    from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -175,8 +175,9 @@ def test_sharded_consolidated_sliced_round_trip(fsdp_run):
 
 
 def test_errors_name_the_problem(tmp_path):
-    from smallssl.checkpoint import CheckpointError
-    from smallssl.fsdp import dcp_to_consolidated, enable_activation_checkpointing, fsdp_wrap
+    from smallssl.checkpoints import CheckpointError
+    from smallssl.checkpoints.sharded import dcp_to_consolidated
+    from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
 
     with pytest.raises(ValueError, match="regnety_"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2))

@@ -10,7 +10,7 @@ import torch
 
 import main_moco
 from smallssl import preempt
-from smallssl.checkpoint import load_checkpoint_file
+from smallssl.checkpoints import load_checkpoint_file
 from smallssl.datasets_cache import dataset_available, prepare_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main_moco
-from smallssl.checkpoint import load_checkpoint_file
+from smallssl.checkpoints import load_checkpoint_file
 from smallssl.heads import Encoder
 from smallssl.methods import METHODS
 from smallssl.methods.barlow import BarlowTwins, parse_sizes

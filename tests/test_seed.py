@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import torchvision
 
 from smallssl.backbones import create_backbone
-from smallssl.checkpoint import CheckpointError, atomic_save, distill_ckpt2moco_ckpt, restart_load
+from smallssl.checkpoints import CheckpointError, atomic_save, restart_load
+from smallssl.checkpoints.seed2moco import converted_path, distill_ckpt2moco_ckpt
 from smallssl.heads import Encoder, build_head
 from smallssl.losses import info_nce, seed_distill, seed_distill_reference, soft_cross_entropy
 from smallssl.methods import METHODS
-from smallssl.methods.seed import SEED, RandomProjection, build_teacher, head_from_state
-from smallssl.seed_convert import converted_path
+from smallssl.checkpoints.teacher import RandomProjection, build_teacher, head_from_state
+from smallssl.methods.seed import SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,7 +220,7 @@ def test_teacher_from_swav_and_smallssl_layouts():
 
 
 def test_teacher_from_vissl_layout():
-    vissl = pytest.importorskip("smallssl.vissl")
+    vissl = pytest.importorskip("smallssl.checkpoints.vissl")
     torch.manual_seed(0)
     trunk = create_backbone("regnety_tiny", small_input=True)
     feat = trunk.num_features
@@ -237,7 +238,7 @@ def test_convert_smallssl_seed_checkpoint_round_trip(tmp_path):
     state = {"module." + k: v for k, v in method.state_dict().items()}
     path = str(tmp_path / "run-checkpoint_0003.pth.tar")
     atomic_save({"epoch": 3, "arch": "tiny", "method": "seed", "state_dict": state, "optimizer": {}}, path)
-    out = distill_ckpt2moco_ckpt(path)  # the lazy re-export in smallssl.checkpoint
+    out = distill_ckpt2moco_ckpt(path)
     assert out == str(tmp_path / "converted_checkpoint_0003.pth.tar") == converted_path(path)
     ck = torch.load(out, weights_only=False)
     assert ck["method"] == "moco" and ck["epoch"] == 3 and "optimizer" not in ck

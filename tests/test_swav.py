@@ -213,7 +213,7 @@ def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
     import torch.distributed as dist
 
     from conftest import make_image_folder
-    from smallssl.fsdp import dcp_to_consolidated
+    from smallssl.checkpoints.sharded import dcp_to_consolidated
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -239,7 +239,7 @@ def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
     torch.testing.assert_close(sa["prototypes.weight"].norm(dim=1), torch.ones(10))
     assert int(sa["queue_count"]) == 8 and sa["queue"].abs().sum() > 0  # filled during epoch 1 (2 x 8 rows)
     # the consolidated file is a SEED teacher and an eval backbone
-    from smallssl.methods.seed import build_teacher
+    from smallssl.checkpoints.teacher import build_teacher
 
     teacher = build_teacher(None, str(tmp_path / "a.pth"), verbose=False)
     assert teacher.head[3].out_features == 16
@@ -249,7 +249,7 @@ def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
 # --------------------------------------------------------------------- checkpoints as teacher / for eval
 def _swav_and_vissl_checkpoints(tmp_path):
     """A smallssl SwAV checkpoint of regnety_tiny (main_moco schema) and the same weights in VISSL's layout."""
-    from smallssl.vissl import save_vissl_checkpoint
+    from smallssl.checkpoints.vissl import save_vissl_checkpoint
 
     torch.manual_seed(0)
     m = SwAV(create_backbone("regnety_tiny", small_input=True), dim=16, hidden_dim=32, n_prototypes=10)
@@ -268,7 +268,8 @@ def _swav_and_vissl_checkpoints(tmp_path):
 def test_swav_and_vissl_checkpoints_load_as_seed_teacher_and_in_eval(tmp_path):
     from eval.features import build_model
     from smallssl.convert import main as convert
-    from smallssl.methods.seed import SEED, build_teacher
+    from smallssl.checkpoints.teacher import build_teacher
+    from smallssl.methods.seed import SEED
 
     m, swav_path, vissl_path = _swav_and_vissl_checkpoints(tmp_path)
     x = torch.randn(3, 3, 16, 16)

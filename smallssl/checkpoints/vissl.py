@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, LoadReport, atomic_save
+from .io import CheckpointError, atomic_save
+from .report import LoadReport
 from .sliced import CONSOLIDATED, SLICE_LIST, LazyStateDict, SlicedCheckpoint, load_tensors
 
 TRUNK_PATH = ("classy_state_dict", "base_model", "model", "trunk")

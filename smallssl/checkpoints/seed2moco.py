@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint_file, state_dict_of
+from .io import CheckpointError, atomic_save, load_checkpoint_file
+from .report import state_dict_of
 
 STUDENT_PREFIXES = ("student.", "encoder_q.")
 QUEUE_KEYS = ("queue", "queue_ptr")

@@ -27,7 +27,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, CheckpointMismatchError, LoadReport, atomic_save
+from .io import CheckpointError, CheckpointMismatchError, atomic_save
+from .report import LoadReport
+# CheckpointError, CheckpointMismatchError, LoadReport, atomic_save
 
 SLICE_LIST, SLICE, CONSOLIDATED = "slice_list", "slice", "consolidated"
 _VISSL_SLICED_PARENTS = (("classy_state_dict", "base_model", "model", "trunk"),
@@ -47,7 +49,9 @@ def _walk(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
         yield path, obj
 
 
-def _set(root: dict, path: tuple, value: Any) -> None:
+def set_path(root: dict, path: tuple, value: Any) -> None:
+    """``root[path[0]][path[1]]... = value``, creating dicts; every path element is a dict key (optimizer state
+    is keyed by int). DCP paths index lists instead: see ``sharded._set_dcp_path``."""
     node = root
     for k in path[:-1]:
         node = node.setdefault(k, {})
@@ -76,10 +80,10 @@ def write_sliced(ckpt: Mapping, index_path: str, drop_keys: tuple[str, ...] = ("
             key = _key(path)
             name = hashlib.sha1(key.encode()).hexdigest() + ".torch"
             atomic_save({"type": SLICE, "weight": value.detach().contiguous()}, os.path.join(folder, name))
-            _set(index, path, os.path.join(os.path.basename(folder), name))
+            set_path(index, path, os.path.join(os.path.basename(folder), name))
             meta[key] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         else:
-            _set(index, path, value)
+            set_path(index, path, value)
     index["type"] = SLICE_LIST
     index["slice_meta"] = meta
     atomic_save(index, index_path)
@@ -187,7 +191,7 @@ class SlicedCheckpoint:
             if _key(path) in self.meta:
                 parent = path[:-1]
                 value = self.state_dict(parent)[path[-1]].clone()
-            _set(out, path, value)
+            set_path(out, path, value)
         out["type"] = CONSOLIDATED
         return out
 

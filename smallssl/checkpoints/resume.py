@@ -9,16 +9,14 @@ every rank, and the global batch / dataset size that give ``iter`` its meaning.
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
-import shutil
 
 import torch
 from torch import nn
 
-from . import dist as sdist
-from .checkpoint import CheckpointMismatchError, latest_checkpoint, state_dict_of
+from .. import dist as sdist
+from .io import CheckpointMismatchError, latest_checkpoint, sharded_epochs
+from .report import state_dict_of
 
 LAST_CKPT = "checkpoint_last.pth.tar"  # iteration-level checkpoint written on preemption
 SHARDED_PATTERN = "checkpoint_{epoch:04d}"  # FSDP: one DCP directory per epoch
@@ -122,77 +120,3 @@ def resume_exact(method: nn.Module, optimizer, scaler, ckpt: dict, path: str, *,
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     return int(ckpt.get("epoch", 0)), int(ckpt.get("iter", 0)), int(ckpt.get("step", 0))
-
-
-# ------------------------------------------------------------------------------- FSDP2 sharded checkpoints
-def sharded_epochs(ckpt_dir: str) -> list[str]:
-    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"checkpoint_\d{4}", n)) \
-        if os.path.isdir(ckpt_dir) else []
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-@torch.no_grad()
-def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter that has had no gradient yet (SwAV's frozen prototypes) the state its first step
-    would start from: a zero momentum buffer (SGD / LARS: ``0 * m + d = d``, bit-identical to no buffer) or
-    AdamW's zero moments at step 0. DCP loads into a fully initialised optimizer and needs every key."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if optimizer.state.get(p):
-                continue
-            if isinstance(optimizer, torch.optim.AdamW):
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-            elif group.get("momentum", 0):
-                optimizer.state[p] = {"momentum_buffer": torch.zeros_like(p)}
-
-
-def save_sharded_checkpoint(method: nn.Module, optimizer, ckpt_dir: str, name: str, *, epoch: int, it: int,
-                            step: int, meta: dict, keep_last: int = 0) -> str:
-    """Collective: ``ckpt_dir/name/`` as a DCP checkpoint (model + optimizer shards, ``meta`` and every rank's
-    RNG). Written to ``name.tmp`` and swapped in, so a complete checkpoint exists at every moment."""
-    from .fsdp import save_sharded
-
-    final = os.path.join(ckpt_dir, name)
-    tmp, old = final + ".tmp", final + ".old"
-    if sdist.is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    sdist.barrier()
-    rngs = all_rng_states()
-    complete_optimizer_state(optimizer)
-    save_sharded(tmp, method, optimizer, extra={**meta, "epoch": epoch, "iter": it, "step": step,
-                                                "rng": pickle.dumps(rngs)})
-    sdist.barrier()
-    if sdist.is_main_process():
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        if it == 0:
-            shutil.rmtree(os.path.join(ckpt_dir, SHARDED_LAST), ignore_errors=True)
-            if keep_last > 0:
-                for stale in sharded_epochs(ckpt_dir)[:-keep_last]:
-                    shutil.rmtree(stale)
-        print(f"=> saved sharded checkpoint {final} (epoch {epoch}, iteration {it})")
-    sdist.barrier()
-    return final
-
-
-def resume_sharded(method: nn.Module, optimizer, path: str, *, arch: str, method_name: str, global_batch: int,
-                   dataset_len: int) -> tuple[int, int, int]:
-    """Collective: load model + optimizer shards and the RNG states; returns ``(epoch, iter, step)``."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from .fsdp import load_sharded
-
-    try:
-        extra = load_sharded(path, method, optimizer)
-    except (RuntimeError, KeyError, ValueError, CheckpointException) as e:  # CheckpointException: BaseException
-        raise CheckpointMismatchError(f"--resume {path!r} does not fit this model / optimizer ({e}); check -a, "
-                                      "--method and --optimizer against the run that wrote it") from e
-    _check_identity(extra, path, arch, method_name, global_batch, dataset_len)
-    if extra.get("rng"):
-        set_rng_state(pickle.loads(extra["rng"]))
-    return int(extra.get("epoch", 0)), int(extra.get("iter", 0)), int(extra.get("step", 0))
