@@ -32,7 +32,7 @@ from smallssl import preempt
 from smallssl.backbones import BACKBONES, create_backbone
 from smallssl.checkpoints import (CheckpointError, atomic_save, build_teacher, latest_checkpoint,
                                   load_checkpoint_file, restart_load, save_checkpoint)
-from smallssl.datasets_cache import default_cache_dir
+from smallssl.data.cache import default_cache_dir
 from smallssl.data import (CorruptImageError, ResumableSampler, SafeImageFolder, SeededViews, collate_skip_bad,
                            fixed_subset, pretrain_transform, two_crops)
 from smallssl.heads import HEADS
@@ -102,7 +102,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--min-crop-scale", default=0.2, type=float)
     p.add_argument("--batch-aug", action="store_true",
                    help="decode the training set once into memory (cached under $SMALLSSL_CACHE/mem) and augment "
-                        "whole batches with tensor ops on the training device (smallssl.batch_aug) instead of "
+                        "whole batches with tensor ops on the training device (smallssl.data.batch_aug) instead of "
                         "PIL per image in DataLoader workers; for small images (CIFAR). Same augmentation "
                         "flags; colour jitter runs before the grey-scale step in both v1 and v2 modes")
     p.add_argument("--subset", default=None, type=int, help="train on a fixed random subset of N images")
@@ -233,7 +233,7 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
 def build_transform(args: argparse.Namespace):
     """The views each method trains on (a callable image -> list of tensors)."""
     if args.method == "swav":  # multi-crop, views grouped by size, large first
-        from smallssl.multicrop import multicrop_transform
+        from smallssl.data import multicrop_transform
 
         return multicrop_transform(swav_size_crops(args), args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
                                    cj=args.cj, grey_scale=args.grey_scale, gaussian_blur=args.gaussian_blur)
@@ -266,8 +266,8 @@ BATCH_AUG_METHODS = ("moco", "simclr", "byol", "simsiam", "barlow")
 
 
 def build_batch_augs(args: argparse.Namespace) -> list:
-    """The two views of :func:`build_transform` as :class:`smallssl.batch_aug.BatchAugment` (``--batch-aug``)."""
-    from smallssl.batch_aug import BatchAugment
+    """The two views of :func:`build_transform` as :class:`smallssl.data.batch_aug.BatchAugment` (``--batch-aug``)."""
+    from smallssl.data.batch_aug import BatchAugment
 
     from smallssl.data import blur_prob, jitter_params
 
@@ -446,7 +446,7 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
     if args.batch_aug:
-        from smallssl.memdata import load_images
+        from smallssl.data.memdata import load_images
 
         images, labels, _ = load_images(os.path.join(args.data, "train"), args.image_size, workers=args.workers,
                                         cache_dir=os.path.join(default_cache_dir(), "mem"), verbose=is_main)
@@ -518,7 +518,7 @@ def _train(args, device: torch.device, rank: int, world: int) -> dict:
         if hasattr(method, "set_epoch"):  # e.g. SwAV's queue starts at an epoch
             method.set_epoch(epoch)
         if args.batch_aug:
-            from smallssl.memdata import BatchViews
+            from smallssl.data.memdata import BatchViews
 
             loader = BatchViews(images, labels, sampler, batch, build_batch_augs(args), seed=args.seed, rank=rank,
                                 device=device)
@@ -632,7 +632,7 @@ def _validate_scale_args(args) -> None:
     if args.lr_per_256 is not None and args.lr_per_256 <= 0:
         raise ValueError(f"--lr-per-256 must be > 0, got {args.lr_per_256}")
     if args.method == "swav":
-        from smallssl.multicrop import multicrop_transform
+        from smallssl.data import multicrop_transform
 
         multicrop_transform(swav_size_crops(args), args.nmb_crops, args.min_scale_crops, args.max_scale_crops)
         if max(args.crops_for_assign) >= sum(args.nmb_crops):

@@ -9,7 +9,7 @@ accuracy (Caltech-101 is imbalanced: airplanes and motorbikes are ~28% of it).
 
 DATA: an ImageFolder root with ``train/`` and ``val/``; for cifar10 / cifar100 also torchvision's layout
 (``cifar-10-batches-py`` / ``cifar-100-python`` inside DATA); an empty or missing DATA with a named dataset
-unpacks ``../shared/data/<dataset>.tar.gz`` into the cache (:func:`smallssl.datasets_cache.prepare_dataset`).
+unpacks ``../shared/data/<dataset>.tar.gz`` into the cache (:func:`smallssl.data.cache.prepare_dataset`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-from eval.features import MEAN, STD, common_parser, eval_transform, model_from_args, split_features
+from eval.features import common_parser, model_from_args, split_features
+from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from eval.linear import Classifier, add_optim_args, linear_probe_features, train_classifier
-from smallssl.datasets_cache import prepare_dataset
+from smallssl.data.cache import prepare_dataset
 
 DATASETS = ("cifar10", "cifar100", "caltech101", "folder")
 
@@ -79,7 +80,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         args.image_size = 32  # torchvision CIFAR layout
     backbone, size = model_from_args(args, probe_dir or root)
     lr = args.lr if args.lr is not None else (0.01 if args.finetune else 10.0)
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     torch.manual_seed(args.seed)
     if args.precompute and not args.finetune:
         if probe_dir is None:

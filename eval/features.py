@@ -20,17 +20,14 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from smallssl.backbones import create_backbone
+from smallssl.backbones import create_backbone, default_small_input
 from smallssl.checkpoints import load_backbone
-from smallssl.datasets_cache import ALIASES, default_cache_dir, prepare_dataset
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SMALL_INPUT_MAX = 64  # images of at most this side get the CIFAR stem unless told otherwise
+from smallssl.data.cache import ALIASES, default_cache_dir, prepare_dataset
+from smallssl.data.transforms import eval_transform
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -68,13 +65,7 @@ def resolve_image_size(image_size: int | None, folder: str) -> int:
     if image_size is not None:
         return image_size
     native = first_image_size(folder)
-    return native if native <= SMALL_INPUT_MAX else 224
-
-
-def eval_transform(image_size: int) -> Callable:
-    """Resize + centre crop + ImageNet normalisation (resize to 256/224 of the size above 64 px)."""
-    resize = image_size if image_size <= SMALL_INPUT_MAX else int(round(image_size * 256 / 224))
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return native if default_small_input(native) else 224
 
 
 def subsample_per_class(targets: Sequence[int], per_class: int | None) -> list[int]:
@@ -96,7 +87,7 @@ def build_model(arch: str, pretrained: str | None = None, small_input: bool | No
     ``small_input=None`` picks the CIFAR stem when ``image_size <= 64``.
     """
     if small_input is None:
-        small_input = image_size <= SMALL_INPUT_MAX
+        small_input = default_small_input(image_size)
     torch.manual_seed(seed)
     model = create_backbone(arch, small_input=small_input)
     if verbose:
@@ -268,7 +259,7 @@ def model_from_args(args: argparse.Namespace, folder: str) -> tuple[nn.Module, i
     setup_device(args)
     image_size = resolve_image_size(args.image_size, folder)
     if args.small_input is None:
-        args.small_input = image_size <= SMALL_INPUT_MAX
+        args.small_input = default_small_input(image_size)
     rank, _ = _dist_info()
     model = build_model(args.arch, args.pretrained, args.small_input, image_size, args.seed, verbose=rank == 0)
     return model.to(args.device), image_size

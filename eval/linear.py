@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from eval.features import MEAN, STD, eval_transform, model_from_args, resolve_data, split_dir, split_features
+    from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+    from eval.features import model_from_args, resolve_data, split_dir, split_features
 
     args = get_args_parser().parse_args(argv)
     root = resolve_data(args.data)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.manual_seed(args.seed)
         model = Classifier(backbone, num_classes, normalize=False, frozen=True).to(args.device)
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                              T.Normalize(MEAN, STD)])
+                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         tl = DataLoader(ImageFolder(train_dir, train_tf), args.batch_size, shuffle=True, num_workers=args.workers)
         vl = DataLoader(ImageFolder(val_dir, eval_transform(size)), args.batch_size, num_workers=args.workers)
         res = train_classifier(model, tl, vl, num_classes, args.epochs, args.lr, args.momentum, args.weight_decay,

@@ -14,7 +14,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eval.features import MEAN, STD, eval_transform
+from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 VIEW_SETS = {"normal": (0, 1, 2), "g-mask": (0, 3, 4), "rand-g-mask": (0, 5, 6), "avg-mask": (0, 7, 8),
              "rand-avg-mask": (0, 9, 10)}
@@ -54,7 +54,7 @@ class StaticViews(Dataset):
             raise ValueError(f"no '<image>-0.<ext>' files under {root!r}; was it written by sample-augs?")
         self.original_tf: Callable = eval_transform(image_size)
         self.view_tf: Callable = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-                                            T.Normalize(MEAN, STD)])
+                                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -37,8 +37,8 @@ import main_moco  # noqa: E402
 from eval.features import build_model, extract_features, subsample_per_class  # noqa: E402
 from eval.knn import dino_knn  # noqa: E402
 from experiments.bench_train import bench  # noqa: E402
-from smallssl.datasets_cache import default_cache_dir, prepare_dataset  # noqa: E402
-from smallssl.memdata import NormalizedImages, load_images  # noqa: E402
+from smallssl.data.cache import default_cache_dir, prepare_dataset  # noqa: E402
+from smallssl.data.memdata import NormalizedImages, load_images  # noqa: E402
 
 # Method flags for a ResNet-18 on CIFAR (the papers' CIFAR settings where they give them; small projectors).
 METHOD_FLAGS: dict[str, list[str]] = {
@@ -87,7 +87,7 @@ def method_flags(args, method: str) -> list[str]:
 
 def budget_steps(args, method: str) -> tuple[int, float]:
     """(steps that fit ``args.budget_s``, measured seconds per step incl. augmenting two views)."""
-    from smallssl.batch_aug import BatchAugment
+    from smallssl.data.batch_aug import BatchAugment
 
     stem = ["--small-input" if args.small_input else "--no-small-input"]
     r = bench(args.arch, args.batch_size, args.image_size, steps=3, warmup=2, device="cpu", amp="none",

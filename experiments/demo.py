@@ -21,8 +21,8 @@ import torch
 import main_moco
 from eval.features import build_model, extract_features
 from eval.knn import dino_knn
-from smallssl.datasets_cache import dataset_available, default_cache_dir, prepare_dataset
-from smallssl.memdata import NormalizedImages, load_images
+from smallssl.data.cache import dataset_available, default_cache_dir, prepare_dataset
+from smallssl.data.memdata import NormalizedImages, load_images
 
 # The default recipe: chosen to pass random init fastest on a 2-core CPU (see README "Demo" for the search).
 # At a few hundred steps what matters: a small queue with a fast key encoder (K=512, m=0.9: no stale keys),

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from smallssl import batch_aug as A
+from smallssl.data import batch_aug as A
 from smallssl.data import CorruptImageError
-from smallssl.memdata import load_images
+from smallssl.data.memdata import load_images
 from tests.conftest import make_image_folder
 
 
@@ -116,7 +116,7 @@ def test_blur_matches_torchvision():
 
 def test_normalized_images_equal_the_pil_eval_transform(tmp_path):
     from smallssl.data import SafeImageFolder, eval_transform
-    from smallssl.memdata import NormalizedImages
+    from smallssl.data.memdata import NormalizedImages
 
     root = os.path.join(make_image_folder(tmp_path / "d", classes=2, per_class=3, size=16), "train")
     x, y, _ = load_images(root, 16, workers=0, verbose=False)

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from smallssl.datasets_cache import prepare_dataset
+from smallssl.data.cache import prepare_dataset
 
 
 def _make_tarball(data_dir, stem, n_classes=2):

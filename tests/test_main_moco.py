@@ -11,7 +11,7 @@ import torch
 import main_moco
 from smallssl import preempt
 from smallssl.checkpoints import load_checkpoint_file
-from smallssl.datasets_cache import dataset_available, prepare_dataset
+from smallssl.data.cache import dataset_available, prepare_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-a", "resnet18", "--image-size", "16", "-b", "8", "-j", "0", "--moco-k", "32", "--moco-dim", "16",

@@ -20,7 +20,7 @@ from smallssl.backbones import create_backbone
 from smallssl.losses import swav_loss
 from smallssl.methods import METHODS
 from smallssl.methods.swav import SwAV, size_groups
-from smallssl.multicrop import multicrop_transform
+from smallssl.data import multicrop_transform
 from smallssl.optim import build_optimizer, param_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

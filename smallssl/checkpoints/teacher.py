@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, default_small_input
 from ..heads import Encoder
 from . import vissl
 from .io import CheckpointMismatchError, load_checkpoint_file
@@ -194,5 +194,5 @@ def _trained_small_input(ckpt: Mapping, default: bool) -> bool:
     if a.get("small_input") is not None:
         return bool(a["small_input"])
     if a.get("image_size") is not None:
-        return int(a["image_size"]) <= 64
+        return default_small_input(int(a["image_size"]))
     return default

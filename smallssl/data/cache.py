@@ -14,7 +14,7 @@ import os
 import tarfile
 import tempfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Short names the CLIs accept -> tarball stem (the directory it unpacks to).
 ALIASES = {"cifar10": "cifar10", "cifar100": "cifar100-small", "cifar100-small": "cifar100-small",

@@ -16,8 +16,9 @@ import os
 import torch
 from torchvision import transforms
 
-from .checkpoints.io import atomic_save
-from .data import SafeImageFolder
+from ..checkpoints.io import atomic_save
+from .datasets import SafeImageFolder
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _fingerprint(root: str, samples: list[tuple[str, int]], size: int) -> str:
@@ -92,7 +93,7 @@ class NormalizedImages(torch.utils.data.Dataset):
     :func:`smallssl.data.eval_transform` for images already at the evaluation size, without decoding."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225)):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.images, self.labels = images, labels
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 

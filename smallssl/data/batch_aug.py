@@ -1,6 +1,6 @@
 """Batched augmentations on image tensors: one call augments a whole batch, on the CPU or the GPU.
 
-The PIL pipeline of :mod:`smallssl.data` costs per image and per transform in Python; on a 2-core CPU with
+The PIL pipeline of :mod:`smallssl.data.transforms` costs per image and per transform in Python; on a 2-core CPU with
 32 px images it takes about as long as the model step. These functions draw every random parameter per
 sample and apply it to the whole batch with tensor ops (``affine_grid``/``grid_sample`` for the crop, exact
 HSV arithmetic for the hue), so augmentation becomes a few vectorised passes over the batch.
@@ -28,10 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import blur_kernel_size
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:

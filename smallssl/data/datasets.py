@@ -1,7 +1,5 @@
-"""Datasets, augmentation presets and samplers for pretraining.
+"""Datasets and samplers for pretraining.
 
-* :func:`pretrain_transform`: MoCo v1 augmentation by default, MoCo v2 (``aug_plus``), with ssl-small's
-  strength knobs ``cj`` / ``grey_scale`` / ``gaussian_blur``.
 * :class:`SafeImageFolder`: ImageFolder whose unreadable images raise an error naming the file, or are
   skipped (returned as ``None`` and counted by :func:`collate_skip_bad`).
 * :class:`SeededViews`: per-sample augmentation seeded by ``(seed, epoch, index)`` so a run resumed in the
@@ -14,100 +12,18 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
-import torchvision.transforms as T
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CorruptImageError(RuntimeError):
     """An image file could not be decoded."""
 
 
-# ------------------------------------------------------------------------------------------ transforms
-def blur_kernel_size(image_size: int) -> int:
-    """Odd Gaussian-blur kernel side, ~10% of the image side (as SimCLR)."""
-    k = max(3, int(0.1 * image_size))  # ~10% of the side, as in SimCLR
-    return k if k % 2 == 1 else k + 1
-
-
-def jitter_params(aug_plus: bool = False, cj: float | None = None) -> tuple[tuple[float, ...], float]:
-    """ColorJitter (brightness, contrast, saturation, hue) and the probability it is applied with: MoCo v1
-    (0.4 x 4, always), MoCo v2 (0.4, 0.4, 0.4, 0.1; p 0.8) or ssl-small's ``cj=c`` (0.8c x 3, min(0.5, 0.4c); p 0.8)."""
-    if cj is not None:
-        return (0.8 * cj, 0.8 * cj, 0.8 * cj, min(0.5, 0.4 * cj)), 0.8
-    if aug_plus:
-        return (0.4, 0.4, 0.4, 0.1), 0.8
-    return (0.4, 0.4, 0.4, 0.4), 1.0
-
-
-def blur_prob(aug_plus: bool = False, gaussian_blur: float | None = None) -> float:
-    """``gaussian_blur`` when given, else MoCo v2's 0.5 with ``aug_plus`` and none for v1."""
-    return gaussian_blur if gaussian_blur is not None else (0.5 if aug_plus else 0.0)
-
-
-def pretrain_transform(image_size: int = 224, aug_plus: bool = False, cj: float | None = None,
-                       grey_scale: float | None = None, gaussian_blur: float | None = None,
-                       min_scale: float = 0.2, max_scale: float = 1.0, solarize: float = 0.0) -> Callable:
-    """One random view.
-
-    - MoCo v1 (default): RandomResizedCrop(scale=(0.2, 1)), RandomGrayscale(0.2), ColorJitter(0.4 x 4), flip.
-    - MoCo v2 (``aug_plus``): ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(0.2),
-      GaussianBlur(sigma in [0.1, 2]) with p=0.5, flip.
-    - ssl-small knobs: ``cj=c`` sets ColorJitter(0.8c, 0.8c, 0.8c, min(0.5, 0.4c)) with p=0.8;
-      ``grey_scale=p`` and ``gaussian_blur=p`` set those probabilities (blur applies with or without aug_plus).
-    - ``solarize=p``: RandomSolarize(128, p) after the blur (BYOL's second view: 0.2).
-    """
-    for name, p in (("grey_scale", grey_scale), ("gaussian_blur", gaussian_blur), ("solarize", solarize)):
-        if p is not None and not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
-    if cj is not None and cj < 0:
-        raise ValueError(f"cj (colour-jitter strength) must be >= 0, got {cj}")
-    ops: list = [T.RandomResizedCrop(image_size, scale=(min_scale, max_scale))]
-    jitter, jitter_p = jitter_params(aug_plus, cj)
-    if aug_plus or cj is not None:
-        ops += [T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
-                T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale)]
-    else:
-        ops += [T.RandomGrayscale(p=0.2 if grey_scale is None else grey_scale), T.ColorJitter(*jitter)]
-    blur_p = blur_prob(aug_plus, gaussian_blur)
-    if blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=blur_p))
-    if solarize > 0:
-        ops.append(T.RandomSolarize(128, p=solarize))
-    ops += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
-
-
-def eval_transform(image_size: int = 224) -> Callable:
-    """Resize (to 256/224 of the size for ImageNet-sized inputs) + centre crop + normalise."""
-    resize = image_size if image_size <= 64 else int(round(image_size * 256 / 224))
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class MultiViewTransform:
-    """Apply each transform of ``transforms`` to the image: ``[t(img) for t in transforms]``."""
-
-    def __init__(self, transforms: Sequence[Callable]):
-        self.transforms = list(transforms)
-
-    def __call__(self, img):
-        return [t(img) for t in self.transforms]
-
-
-def two_crops(transform: Callable) -> MultiViewTransform:
-    """MoCo's TwoCropsTransform: two independent views of one image."""
-    return MultiViewTransform([transform, transform])
-
-
-# -------------------------------------------------------------------------------------------- datasets
 def _pil_loader(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
