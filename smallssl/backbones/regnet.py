@@ -9,8 +9,9 @@ block's *input* width) to the residual bottleneck block (1x1 -> grouped 3x3 -> S
 
 SEER (Goyal et al. 2021, arXiv:2103.01988; 2022, arXiv:2202.08360) trains RegNetY-32GF ... RegNetY-10B with
 SwAV. The design parameters below are the ones of VISSL's SEER configs and classy-vision's named RegNets
-(also used by timm's ``regnety_320/640/1280/2560``); ``tests/test_regnet.py`` checks the final widths against
-the VISSL head configs (3712, 4920, 7392, 10444, 28280) and the trunk parameter counts against the model card.
+(also used by timm's ``regnety_320/640/1280/2560``); ``tests/backbones/test_regnet.py`` checks the final widths
+against the VISSL head configs (3712, 4920, 7392, 10444, 28280) and the trunk parameter counts against the model
+card.
 
 Module layout (state-dict keys)::
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import register_backbone
+from ._registry import register_backbone
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class RegNetParams:
 
 
 # Design parameters. SEER: VISSL configs (benchmark/.../models/regnet{32Gf,64Gf_3,128Gf,256Gf_1,10B}.yaml);
-# classic RegNetY: classy-vision / pycls model zoo. Trunk parameter counts are printed by tests/test_regnet.py.
+# classic RegNetY: classy-vision / pycls model zoo. tests/backbones/test_regnet.py checks the trunk parameter counts.
 REGNET_CONFIGS: dict[str, RegNetParams] = {
     "regnety_tiny": RegNetParams(depth=4, w_0=8, w_a=8.0, w_m=2.0, group_width=8, stem_width=16),
     "regnety_400mf": RegNetParams(depth=16, w_0=48, w_a=27.89, w_m=2.09, group_width=8),

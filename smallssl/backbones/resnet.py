@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-from . import register_backbone
+from ._registry import register_backbone
 
 
 def _resnet(name: str, small_input: bool, **kwargs) -> nn.Module:

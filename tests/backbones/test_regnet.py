@@ -14,8 +14,9 @@ VISSL_WIDTHS = {"regnety_32gf": 3712, "regnety_64gf": 4920, "regnety_128gf": 739
 # weights' timm ports); see test_matches_timm_counts.
 TRUNK_PARAMS = {"regnety_32gf": 141_333_770, "regnety_64gf": 276_457_786, "regnety_128gf": 637_419_894,
                 "regnety_256gf": 1_272_156_138, "regnety_10b": 9_323_934_872}
-# SEER model card (seed 001): 156M, 250M, 693M, 1.5B, 10B. They match trunk + SwAV projection MLP
-# (dims [D, D, 256]; 10B: [D, 8192, 8192, 256]) for 32GF and 128GF; see /work/notes/issue-6.md for the others.
+# SEER model card (VISSL MODEL_ZOO / Goyal et al. 2022): 156M, 250M, 693M, 1.5B, 10B. Trunk + SwAV projection MLP
+# (dims [D, D, 256]; 10B: [D, 8192, 8192, 256]) gives 156.1M (32GF), 249.6M (classy-vision's 64GF config) and
+# 694.0M (128GF); the published 64GF (302M), 256GF (1.38B) and 10B (9.62B) do not reach the card's rounded figures.
 MODEL_CARD = {"regnety_32gf": 156e6, "regnety_128gf": 693e6, "regnety_64gf_classy": 250e6}
 
 
