@@ -5,15 +5,15 @@ variable ``SMALLSSL_TRITON`` is not ``"0"``; otherwise they run PyTorch code wit
 ``import kernels`` works without Triton. Note: ``kernels`` is a generic top-level name and can clash
 with other installed packages of the same name.
 
-The public functions shadow their submodules as attributes of ``kernels`` (``kernels.info_nce`` is the
-function); reach a submodule with ``importlib.import_module("kernels.info_nce")``.
+Import the functions from their modules (``from kernels.info_nce import info_nce``); ``kernels.info_nce`` is
+the module. ``KERNELS`` maps each kernel's name to its ``KernelCase`` (inputs, reference, implementations,
+shapes, costs, launch configurations), which the tests, ``kernels.bench`` and ``kernels.aot`` loop over.
 """
 
+from kernels import info_nce, nt_xent, seed_distill, sinkhorn
+from kernels._case import KernelCase
 from kernels._triton_utils import HAS_TRITON, triton_enabled
-from kernels.info_nce import info_nce, info_nce_reference
-from kernels.nt_xent import nt_xent, nt_xent_reference
-from kernels.seed_distill import seed_distill, seed_distill_reference
-from kernels.sinkhorn import sinkhorn, sinkhorn_reference
 
-__all__ = ["HAS_TRITON", "triton_enabled", "info_nce", "info_nce_reference", "nt_xent", "nt_xent_reference",
-           "seed_distill", "seed_distill_reference", "sinkhorn", "sinkhorn_reference"]
+KERNELS: dict[str, KernelCase] = {c.name: c for c in (info_nce.CASE, nt_xent.CASE, seed_distill.CASE, sinkhorn.CASE)}
+
+__all__ = ["HAS_TRITON", "KERNELS", "KernelCase", "triton_enabled"]

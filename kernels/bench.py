@@ -1,47 +1,45 @@
-"""Benchmark of the fused losses: ``python -m kernels.bench [--quick] [--compile] [--dtype fp32,bf16]``.
+"""Benchmark of the fused losses: ``python -m kernels.bench [--quick|--tiny] [--compile] [--dtype fp32,bf16]``.
 
-One row per (op, shape, dtype, provider): eager = the PyTorch reference, compile = torch.compile of the
-reference, chunked = the memory-friendly PyTorch path the public functions use without Triton, triton =
-the kernels (CUDA only). Columns: forward ms, forward+backward ms (Sinkhorn has no backward), peak extra
-memory in MB over the inputs, and the speedup of fwd+bwd (fwd for Sinkhorn) over eager.
+One row per (op, shape, dtype, provider), for every kernel of ``kernels.KERNELS`` (its case table gives inputs,
+reference, implementations and shapes): eager = the PyTorch reference, compile = torch.compile of the
+reference, chunked = the memory-friendly PyTorch path the public functions use without Triton, triton = the
+kernels (CUDA only). Columns: forward ms, forward+backward ms (Sinkhorn has no backward), peak extra memory in MB
+over the inputs, the speedup of fwd+bwd (fwd for Sinkhorn) over eager and, on CUDA, the fraction of the
+roofline bound (of the device named by its SM count: H100 or H200 figures).
 Memory: CUDA ``max_memory_allocated``; CPU the process's peak RSS (Linux ``/proc/self/clear_refs``),
 which also counts allocator slack, so treat CPU MB as approximate.
+
+``--roofline`` prints, without running anything, the bytes and FLOPs of each op and shape and the lower-bound
+time on an H100 SXM (3.35 TB/s; 989 dense bf16 TFLOP/s, 495 tf32, 67 plain fp32) and an H200 (4.8 TB/s, same
+compute), with ~3.9 T exp/s (16 SFU ops per clock per SM x 132 SMs x 1.83 GHz) as a third floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
+import json
 import math
 import os
 import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from kernels import KERNELS
+from kernels._case import KernelCase
 from kernels._triton_utils import HAS_TRITON
 
-info_nce_mod = importlib.import_module("kernels.info_nce")
-nt_xent_mod = importlib.import_module("kernels.nt_xent")
-seed_mod = importlib.import_module("kernels.seed_distill")
-sinkhorn_mod = importlib.import_module("kernels.sinkhorn")
-
-FULL = {
-    "info_nce": [(256, 128, 65536), (1024, 128, 16384)],
-    "nt_xent": [(8192, 128), (32768, 128)],
-    "seed_distill": [(256, 128, 65536)],
-    "sinkhorn": [(256, 3000, 3), (4096, 3000, 3), (1024, 16384, 10), (128, 65536, 3)],
-}
-QUICK = {
-    "info_nce": [(256, 128, 16384)],
-    "nt_xent": [(1024, 128)],
-    "seed_distill": [(256, 128, 16384)],
-    "sinkhorn": [(256, 3000, 3), (1024, 3000, 3)],
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name -> (bytes/s, {compute class: dot FLOP/s}, exp/s). Datasheet figures (dense, no sparsity).
+DEVICES = {
+    "H100 SXM": (3.35e12, {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}, 3.9e12),
+    "H200": (4.8e12, {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}, 3.9e12),
+}
+# roofline rows: (label, input dtype, compute class); fp32 without TF32 is torch's default (dot_precision "ieee")
+ROOFLINE_TYPES = (("bf16", torch.bfloat16, "bf16"), ("fp32 tf32", torch.float32, "tf32"),
+                  ("fp32", torch.float32, "fp32"))
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +52,7 @@ class _Peak:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.mb: Optional[float] = None
+        self.mb: float | None = None
 
     def __enter__(self):
         gc.collect()
@@ -112,8 +110,8 @@ def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def _measure(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], device: torch.device, reps: int,
-             backward: bool) -> Tuple[float, Optional[float], Optional[float]]:
+def _measure(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], device: torch.device, reps: int,
+             backward: bool) -> tuple[float, float | None, float | None]:
     def fwd_bwd():
         for t in inputs:
             t.grad = None
@@ -133,99 +131,107 @@ def _measure(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], device
     return t_fwd, t_full, peak.mb
 
 
-def _rows_for(op: str, shape: tuple, dtype: torch.dtype, device: torch.device, providers: List[str]):
-    """Yield (provider, forward closure or None with a reason, inputs needing grad, has backward)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def unit(*s):
-        return F.normalize(torch.randn(*s, generator=g), dim=-1).to(device=device, dtype=dtype)
-
-    if op == "info_nce":
-        b, d, k = shape
-        q, key, queue = unit(b, d).requires_grad_(), unit(b, d).requires_grad_(), unit(k, d)
-        impls = {
-            "eager": lambda: info_nce_mod.info_nce_reference(q, key, queue, 0.2),
-            "chunked": lambda: info_nce_mod._InfoNCEFn.apply(q, key, queue, 0.2, info_nce_mod._stats_chunked)[0],
-            "triton": lambda: info_nce_mod._InfoNCEFn.apply(q, key, queue, 0.2, info_nce_mod._stats_triton)[0],
-        }
-        ref, inputs, bwd, eager_bytes = info_nce_mod.info_nce_reference, [q, key], True, 5 * b * (k + 1) * 4
-        args = (q, key, queue, 0.2)
-    elif op == "seed_distill":
-        b, d, k = shape
-        s, t, queue = unit(b, d).requires_grad_(), unit(b, d), unit(k, d)
-        temps = (0.2, 1e-4)  # SEED's student and teacher temperatures
-        impls = {
-            "eager": lambda: seed_mod.seed_distill_reference(s, t, queue, *temps),
-            "chunked": lambda: seed_mod._SeedDistillFn.apply(s, t, queue, *temps, seed_mod._stats_chunked),
-            "triton": lambda: seed_mod._SeedDistillFn.apply(s, t, queue, *temps, seed_mod._stats_triton),
-        }
-        ref, inputs, bwd, eager_bytes = seed_mod.seed_distill_reference, [s], True, 8 * b * (k + 1) * 4
-        args = (s, t, queue, *temps)
-    elif op == "nt_xent":
-        n, d = shape
-        z1, z2 = unit(n, d).requires_grad_(), unit(n, d).requires_grad_()
-        impls = {
-            "eager": lambda: nt_xent_mod.nt_xent_reference(z1, z2, 0.1),
-            "chunked": lambda: nt_xent_mod._NTXentFn.apply(z1, z2, 0.1, False),
-            "triton": lambda: nt_xent_mod._NTXentFn.apply(z1, z2, 0.1, True),
-        }
-        ref, inputs, bwd, eager_bytes = nt_xent_mod.nt_xent_reference, [z1, z2], True, 5 * (2 * n) ** 2 * 4
-        if device.type == "cpu" and 6 * (2 * n) ** 2 * d > 100e9:  # fwd+bwd FLOPs: minutes per row on a CPU
-            for prov in providers:
-                why = "not measured (needs a CUDA GPU)" if prov == "triton" else "skipped (too slow on CPU)"
-                yield prov, None, why, inputs, True
-            return
-        args = (z1, z2, 0.1)
-    else:
-        b, k, iters = shape
-        scores = unit(b, 64) @ unit(k, 64).t()
-        impls = {
-            "eager": lambda: sinkhorn_mod.sinkhorn_reference(scores, 0.05, iters),
-            "triton": lambda: sinkhorn_mod._sinkhorn_triton(scores, 0.05, iters),
-        }
-        ref, inputs, bwd, eager_bytes = sinkhorn_mod.sinkhorn_reference, [], False, 3 * b * k * 4
-        args = (scores, 0.05, iters)
+def _rows_for(case: KernelCase, shape: tuple, dtype: torch.dtype, device: torch.device, providers: list[str],
+              mem_budget: float):
+    """Yield (provider, forward closure or None, reason when None, inputs needing grad) for one op and shape."""
+    inputs = case.make_inputs(shape, dtype, device, torch.Generator(device="cpu").manual_seed(0))
+    args, grads = inputs.args, list(inputs.grad)
     for prov in providers:
         if prov == "triton" and not (HAS_TRITON and device.type == "cuda"):
-            yield prov, None, "not measured (needs a CUDA GPU)", inputs, bwd
-        elif prov == "chunked" and prov not in impls:
+            yield prov, None, "not measured (needs a CUDA GPU)", grads
+        elif prov == "chunked" and prov not in case.impls:
             continue
-        elif prov in ("eager", "compile") and device.type == "cpu" and eager_bytes > _MEM_BUDGET[0]:
-            yield prov, None, f"skipped (needs ~{eager_bytes / 2**30:.0f} GB)", inputs, bwd
+        elif device.type == "cpu" and case.has_backward and case.cost(shape, dtype).dot_flops > 100e9:
+            yield prov, None, "skipped (too slow on CPU)", grads  # fwd+bwd of ~100 GFLOP+: minutes per row
+        elif prov in ("eager", "compile") and device.type == "cpu" and case.eager_bytes(shape) > mem_budget:
+            yield prov, None, f"skipped (needs ~{case.eager_bytes(shape) / 2**30:.0f} GB)", grads
         elif prov == "compile":
-            compiled = torch.compile(ref)
-            yield prov, (lambda fn=compiled: fn(*args)), None, inputs, bwd
+            compiled = torch.compile(case.reference)
+            yield prov, (lambda fn=compiled: fn(*args)), None, grads
         else:
-            yield prov, impls[prov], None, inputs, bwd
+            fn = case.reference if prov == "eager" else case.impls[prov]
+            yield prov, (lambda fn=fn: fn(*args)), None, grads
 
 
-_MEM_BUDGET = [4 * 2**30]
+def roofline_bound(case: KernelCase, shape: tuple, dtype: torch.dtype, compute: str, device: str,
+                   design: bool = False) -> tuple[float, str]:
+    """(lower-bound seconds, what binds: memory / dot / exp) of one call on ``device`` (a ``DEVICES`` key).
+
+    Memory counts ``min_bytes`` (each input read once, each output written once), or with ``design`` the bytes
+    this file's kernels move (re-reads included; they mostly hit L2 when the re-read operand fits in it).
+    """
+    bw, dot, exp_rate = DEVICES[device]
+    c = case.cost(shape, dtype)
+    terms = {"memory": (c.kernel_bytes if design else c.min_bytes) / bw, "dot": c.dot_flops / dot[compute],
+             "exp": c.exps / exp_rate}
+    which = max(terms, key=terms.get)
+    return terms[which], which
 
 
-def _shape_str(op: str, shape: tuple) -> str:
-    if op in ("info_nce", "seed_distill"):
-        return "B={} D={} K={}".format(*shape)
-    if op == "nt_xent":
-        return "2N={} D={}".format(2 * shape[0], shape[1])
-    return "{}x{} it={}".format(*shape)
+def roofline(ops: list[str], shapes_key: str = "full_shapes") -> list[dict]:
+    """Print and return the roofline table of ``ops`` at their ``shapes_key`` shapes."""
+    print("| op | shape | dtype | min MB | kernel MB | dot GFLOP | G exp | H100 SXM bound us | H200 bound us | "
+          "binds (H100) | H100 at kernel MB us |")
+    print("|" + "---|" * 11)
+    rows = []
+    for op in ops:
+        case = KERNELS[op]
+        for shape in getattr(case, shapes_key):
+            for label, dtype, compute in ROOFLINE_TYPES:
+                c = case.cost(shape, dtype)
+                if c.dot_flops == 0 and compute == "tf32":
+                    continue  # no matrix products: the fp32 row says it all
+                h100, which = roofline_bound(case, shape, dtype, compute, "H100 SXM")
+                h200, _ = roofline_bound(case, shape, dtype, compute, "H200")
+                design, _ = roofline_bound(case, shape, dtype, compute, "H100 SXM", design=True)
+                row = dict(op=op, shape=case.shape_str(shape), dtype=label, min_mb=c.min_bytes / 1e6,
+                           kernel_mb=c.kernel_bytes / 1e6, dot_gflop=c.dot_flops / 1e9, gexp=c.exps / 1e9,
+                           h100_us=h100 * 1e6, h200_us=h200 * 1e6, binds=which, h100_design_us=design * 1e6)
+                rows.append(row)
+                print(f"| {op} | {row['shape']} | {label} | {row['min_mb']:.1f} | {row['kernel_mb']:.1f} | "
+                      f"{row['dot_gflop']:.2f} | {row['gexp']:.3f} | {row['h100_us']:.1f} | {row['h200_us']:.1f} | "
+                      f"{which} | {design * 1e6:.1f} |", flush=True)
+    return rows
 
 
-def main(argv: Optional[List[str]] = None) -> List[dict]:
+def _roofline_device(device: torch.device) -> str | None:
+    """The ``DEVICES`` entry whose figures apply to this CUDA device (by name), or None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return "H200" if "H200" in name else "H100 SXM" if "H100" in name else None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes (minutes on a 2-core CPU)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small shapes (minutes on a 2-core CPU)")
+    size.add_argument("--tiny", action="store_true", help="the tests' tiny shapes (seconds; a dry run)")
+    p.add_argument("--roofline", action="store_true", help="print bytes, FLOPs and lower-bound times; run nothing")
     p.add_argument("--compile", action="store_true", help="also torch.compile rows on CPU (always on CUDA)")
     p.add_argument("--dtype", default=None, help="fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
-    p.add_argument("--ops", default="info_nce,nt_xent,seed_distill,sinkhorn")
+    p.add_argument("--ops", default=",".join(KERNELS), help="comma list of " + ", ".join(KERNELS))
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip CPU eager rows needing more")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    ops = args.ops.split(",")
+    for op in ops:
+        if op not in KERNELS:
+            raise ValueError(f"--ops must be a comma list of {sorted(KERNELS)}; got {op!r}")
+    shapes_key = "tiny_shapes" if args.tiny else "quick_shapes" if args.quick else "full_shapes"
+    if args.roofline:
+        results = roofline(ops, shapes_key)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return results
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
         _release_freed_memory_to_os()
-    _MEM_BUDGET[0] = int(args.mem_budget_gb * 2**30)
     dtypes = (args.dtype or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     for dt in dtypes:
         if dt not in DTYPES:
@@ -234,38 +240,47 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     if device.type == "cuda" or args.compile:
         providers.insert(1, "compile")
     reps = args.reps or (20 if device.type == "cuda" else 5)
-    shapes = QUICK if args.quick else FULL
+    roof_dev = _roofline_device(device)
     threads = torch.get_num_threads()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     print(f"# device: {dev_name}; torch {torch.__version__}; median of {reps} runs")
-    header = "| op | shape | dtype | provider | fwd ms | fwd+bwd ms | peak extra MB | speedup vs eager |"
-    print(header + "\n|" + "---|" * 8, flush=True)
+    header = "| op | shape | dtype | provider | fwd ms | fwd+bwd ms | peak extra MB | speedup vs eager | of bound |"
+    print(header + "\n|" + "---|" * 9, flush=True)
     results = []
-    for op in args.ops.split(","):
-        if op not in shapes:
-            raise ValueError(f"--ops must be a comma list of {sorted(shapes)}; got {op!r}")
-        for shape in shapes[op]:
+    for op in ops:
+        case = KERNELS[op]
+        for shape in getattr(case, shapes_key):
             for dt in dtypes:
                 eager_t = None
-                for prov, fn, reason, inputs, bwd in _rows_for(op, shape, DTYPES[dt], device, providers):
-                    row = dict(op=op, shape=_shape_str(op, shape), dtype=dt, provider=prov)
+                compute = "bf16" if dt != "fp32" else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+                bound = roofline_bound(case, shape, DTYPES[dt], compute, roof_dev)[0] * 1e3 if roof_dev else None
+                for prov, fn, reason, inputs in _rows_for(case, shape, DTYPES[dt], device, providers,
+                                                          args.mem_budget_gb * 2**30):
+                    row = dict(op=op, shape=case.shape_str(shape), dtype=dt, provider=prov, device=dev_name)
                     if fn is None:
                         row["note"] = reason
-                        print(f"| {op} | {row['shape']} | {dt} | {prov} | {reason} | | | |", flush=True)
+                        print(f"| {op} | {row['shape']} | {dt} | {prov} | {reason} | | | | |", flush=True)
                         results.append(row)
                         continue
-                    t_fwd, t_full, mb = _measure(fn, inputs, device, reps, bwd)
-                    key = t_full if bwd else t_fwd
+                    t_fwd, t_full, mb = _measure(fn, inputs, device, reps, case.has_backward)
+                    key = t_full if case.has_backward else t_fwd
                     if prov == "eager":
                         eager_t = key
                     speed = f"{eager_t / key:.2f}x" if eager_t else "n/a"
-                    row.update(fwd_ms=t_fwd, fwd_bwd_ms=t_full, peak_mb=mb, speedup=speed)
+                    frac = f"{bound / key:.0%}" if bound else "n/a"
+                    row.update(fwd_ms=t_fwd, fwd_bwd_ms=t_full, peak_mb=mb, speedup=speed, bound_ms=bound,
+                               of_bound=frac)
                     results.append(row)
-                    full_s = f"{t_full:.2f}" if t_full is not None else "-"
+                    full_s = f"{t_full:.3f}" if t_full is not None else "-"
                     mb_s = f"{mb:.0f}" if mb is not None and not math.isnan(mb) else "n/a"
-                    print(f"| {op} | {row['shape']} | {dt} | {prov} | {t_fwd:.2f} | {full_s} | {mb_s} | {speed} |",
-                          flush=True)
+                    print(f"| {op} | {row['shape']} | {dt} | {prov} | {t_fwd:.3f} | {full_s} | {mb_s} | {speed} | "
+                          f"{frac} |", flush=True)
                     gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 

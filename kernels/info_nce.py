@@ -11,22 +11,37 @@ weighted sum of queue rows (flash-attention style, keys = values = queue) and th
 ``O(B * D)`` epilogue: nothing is recomputed and no logits are stored.
 
 Layout of this file: reference -> chunked PyTorch path (same algorithm, CPU friendly) -> Triton kernels
-(split over the queue so that B=256 fills a GPU, then a merge) -> launcher -> autograd.Function -> public.
+(split over the queue so that B=256 fills a GPU, then a merge) -> launch configs and launcher ->
+autograd.Function -> public function -> ``CASE`` (the table tests, the benchmark and the AOT check read).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, split_plan, triton, triton_enabled
+from kernels._case import DTYPE_BYTES, TRITON_PTR, Cost, KernelCase, KernelInputs, Launch, make_signature, unit_rows
+from kernels._triton_utils import (
+    BLOCK_D_CLASSES,
+    COMPUTE_TYPES,
+    HAS_TRITON,
+    LOG2E,
+    MAX_D,
+    device_cc,
+    dot_precision,
+    dot_tile_config,
+    next_pow2,
+    split_plan,
+    triton,
+    triton_enabled,
+)
 
 if HAS_TRITON:
     import triton.language as tl
 
-Stats = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+Stats = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> None:
@@ -39,7 +54,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: f
 
 
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-                       return_logits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                       return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Eager MoCo loss, as in facebookresearch/moco ``builder.py`` (materialises the logits).
 
     Args:
@@ -61,7 +76,7 @@ def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
 
 
 def _stats_chunked(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-                   need_grad: bool, chunk: Optional[int] = None) -> Stats:
+                   need_grad: bool, chunk: int | None = None) -> Stats:
     """PyTorch version of the kernel's algorithm: per-row loss, top-1 hit, and the unscaled gradients.
 
     Walks the queue in chunks of ``chunk`` rows with an online log-sum-exp, so memory is
@@ -182,20 +197,43 @@ if HAS_TRITON:
             tl.store(gk_ptr + offs_b[:, None] * D + offs_d[None, :], gk, mask=mask_bd)
 
 
+def split_config(d: int, dtype: torch.dtype, precision: str, with_grad: bool, cc: int = 90) -> dict[str, int]:
+    """Tiles, warps and stages of ``_info_nce_split_kernel`` for feature size ``d`` (the launcher and the AOT
+    table): one (BLOCK_B, BLOCK_D) accumulator, :func:`kernels._triton_utils.dot_tile_config` explains the
+    numbers. The loss-only variant takes the same tiles (fewer registers: no accumulator); ``cc`` is accepted so
+    that a target-specific choice has one place to go, and both targets take the same tiles today."""
+    return dot_tile_config(d, dtype, precision, accumulators=1)
+
+
+def merge_config(d: int) -> dict[str, int]:
+    """``_info_nce_merge_kernel``: holds q, k, the accumulated O and one slice's O (four BLOCK_B x BLOCK_D fp32
+    tiles); 2048 elements per tile over 4 warps is 16 values each, 64 in all (BLOCK_B 32 at D=64, 4 at 512)."""
+    block_d = next_pow2(d, BLOCK_D_CLASSES[0])
+    return dict(BLOCK_B=max(4, 2048 // block_d), BLOCK_D=block_d, num_warps=4, num_stages=1)
+
+
 def _stats_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, need_grad: bool,
-                  splits: Optional[int] = None, block_b: int = 64, block_k: int = 64) -> Stats:
+                  splits: int | None = None, block_b: int | None = None,
+                  block_k: int | None = None) -> Stats:
     """Launch the split + merge kernels; same outputs as :func:`_stats_chunked`.
 
     ``splits`` (number of queue slices) defaults to enough programs for two waves over the GPU's SMs,
-    capped so the fp32 partials stay under 8 MB.
+    capped so the fp32 partials stay under 8 MB. ``block_b`` / ``block_k`` override :func:`split_config`
+    (tests use small tiles). A queue in another dtype than the promoted inputs is cast once (a K x D copy), so
+    that the kernels see one element type: keep the queue in the embeddings' dtype to avoid it.
     """
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), queue.dtype)
-    q, k = q.to(dt).contiguous(), k.to(dt).contiguous()
+    q, k, queue = q.to(dt).contiguous(), k.to(dt).contiguous(), queue.to(dt)
     B, D = q.shape
     K = queue.shape[0]
-    block_d = next_pow2(D)
-    n_rb = triton.cdiv(B, block_b)
-    splits, per_split = split_plan(K, block_k, n_rb, B * D * 4, q.device, splits)
+    precision = dot_precision(dt)
+    cfg = split_config(D, dt, precision, need_grad, device_cc(q.device))
+    if block_b is not None:
+        cfg["BLOCK_B"] = block_b
+    if block_k is not None:
+        cfg["BLOCK_K"] = block_k
+    n_rb = triton.cdiv(B, cfg["BLOCK_B"])
+    splits, per_split = split_plan(K, cfg["BLOCK_K"], n_rb, B * D * 4, q.device, splits)
     f32 = dict(device=q.device, dtype=torch.float32)
     m_part = torch.empty(splits, B, **f32)
     l_part = torch.empty(splits, B, **f32)
@@ -203,17 +241,16 @@ def _stats_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     scale = LOG2E / temperature
     _info_nce_split_kernel[(n_rb, splits)](
         q, queue, m_part, l_part, o_part, B, K, D, per_split, q.stride(0), queue.stride(0), queue.stride(1),
-        scale, WITH_GRAD=need_grad, PRECISION=dot_precision(dt), BLOCK_B=block_b, BLOCK_K=block_k,
-        BLOCK_D=block_d, num_warps=4, num_stages=3)
+        scale, WITH_GRAD=need_grad, PRECISION=precision, **cfg)
     loss_rows = torch.empty(B, **f32)
     hit = torch.empty(B, device=q.device, dtype=torch.int8)
     gq = torch.empty(B, D, **f32) if need_grad else None
     gk = torch.empty(B, D, **f32) if need_grad else None
-    mb = 32
-    _info_nce_merge_kernel[(triton.cdiv(B, mb),)](
+    mcfg = merge_config(D)
+    _info_nce_merge_kernel[(triton.cdiv(B, mcfg["BLOCK_B"]),)](
         q, k, m_part, l_part, o_part, loss_rows, hit, gq if need_grad else loss_rows,
         gk if need_grad else loss_rows, B, D, splits, q.stride(0), k.stride(0), scale, 1.0 / temperature,
-        WITH_GRAD=need_grad, BLOCK_B=mb, BLOCK_D=block_d, num_warps=4)
+        WITH_GRAD=need_grad, **mcfg)
     return loss_rows, hit.bool(), gq, gk
 
 
@@ -241,7 +278,7 @@ class _InfoNCEFn(torch.autograd.Function):
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *,
-             return_accuracy: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+             return_accuracy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """MoCo's InfoNCE loss with a queue of negatives, fused (He et al., CVPR 2020).
 
     Args:
@@ -252,13 +289,88 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
             positive logit is the largest), computed in the same pass at no extra cost.
     Returns:
         scalar fp32 loss (mean over B), or (loss, acc1) with ``return_accuracy``.
-    Runs the Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > 512) and a chunked
+    Runs the Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > ``MAX_D`` = 512) and a chunked
     PyTorch path with the same algorithm otherwise; both keep O(B * D) memory for the backward.
     """
     _check(q, k, queue, temperature)
-    if triton_enabled(q, k, queue) and q.shape[1] <= 512:
+    if triton_enabled(q, k, queue) and q.shape[1] <= MAX_D:
         stats_fn = _stats_triton
     else:
         stats_fn = _stats_chunked
     loss, acc1 = _InfoNCEFn.apply(q, k, queue, float(temperature), stats_fn)
     return (loss, acc1) if return_accuracy else loss
+
+
+# ---------------------------------------------------------------- case table (tests, kernels.bench, kernels.aot)
+
+def _launches(cc: int) -> list[Launch]:
+    """Every (kernel, config) :func:`_stats_triton` can launch on compute capability ``cc``."""
+    if not HAS_TRITON:
+        return []
+    out = []
+    const = ("WITH_GRAD", "PRECISION", "BLOCK_B", "BLOCK_K", "BLOCK_D")
+    for dt, precision in COMPUTE_TYPES:
+        for block_d in BLOCK_D_CLASSES:
+            for grad in (False, True):
+                cfg = split_config(block_d, dt, precision, grad, cc)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                sig = make_signature(_info_nce_split_kernel, dict(
+                    q_ptr=TRITON_PTR[dt], queue_ptr=TRITON_PTR[dt], m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32",
+                    scale="fp32"), const)
+                out.append(Launch(_info_nce_split_kernel, sig, dict(WITH_GRAD=grad, PRECISION=precision, **cfg),
+                                  warps, stages, aligned=("q_ptr", "queue_ptr", "m_ptr", "l_ptr", "o_ptr", "D",
+                                                          "stride_qb", "stride_kk"), ones=("stride_kd",), heavy=True))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for block_d in BLOCK_D_CLASSES:
+            for grad in (False, True):
+                cfg = merge_config(block_d)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                sig = make_signature(_info_nce_merge_kernel, dict(
+                    q_ptr=TRITON_PTR[dt], k_ptr=TRITON_PTR[dt], m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32",
+                    loss_ptr="*fp32", hit_ptr="*i8", gq_ptr="*fp32", gk_ptr="*fp32", scale="fp32", inv_t="fp32"),
+                    ("WITH_GRAD", "BLOCK_B", "BLOCK_D"))
+                out.append(Launch(_info_nce_merge_kernel, sig, dict(WITH_GRAD=grad, **cfg), warps, stages,
+                                  aligned=("q_ptr", "k_ptr", "m_ptr", "l_ptr", "o_ptr", "gq_ptr", "gk_ptr", "D",
+                                           "stride_qb", "stride_kb")))
+    return out
+
+
+def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator) -> KernelInputs:
+    b, d, k = shape
+    q, key = unit_rows(b, d, dtype, device, generator), unit_rows(b, d, dtype, device, generator)
+    queue = unit_rows(k, d, dtype, device, generator)
+    q.requires_grad_()
+    key.requires_grad_()
+    return KernelInputs((q, key, queue, 0.2), grad=(q, key))
+
+
+def _cost(shape: tuple[int, ...], dtype: torch.dtype) -> Cost:
+    """Forward + backward. The split kernel reads the queue once per BLOCK_B-row block and writes (D + 2) fp32
+    partials per row and slice (H100's 132 SMs); the merge reads them and writes fp32 gradients, which the
+    backward scales into the input dtype."""
+    b, d, k = shape
+    s = DTYPE_BYTES[dtype]
+    cfg = split_config(d, dtype, dot_precision(dtype), True)
+    n_rb = -(-b // cfg["BLOCK_B"])
+    splits, _ = split_plan(k, cfg["BLOCK_K"], n_rb, b * d * 4, torch.device("cpu"), sms=132)
+    partials = splits * b * (d + 2) * 4
+    kernel = n_rb * k * d * s + 2 * b * d * s + 2 * partials + 2 * b * d * 4 * 2 + 2 * b * d * s
+    return Cost(min_bytes=(4 * b * d + k * d) * s, kernel_bytes=kernel, dot_flops=4.0 * b * k * d, exps=float(b * k))
+
+
+CASE = KernelCase(
+    name="info_nce",
+    make_inputs=_make_inputs,
+    reference=info_nce_reference,
+    impls={"chunked": lambda q, k, queue, t: _InfoNCEFn.apply(q, k, queue, t, _stats_chunked)[0],
+           "triton": lambda q, k, queue, t: _InfoNCEFn.apply(q, k, queue, t, _stats_triton)[0]},
+    has_backward=True,
+    full_shapes=[(256, 128, 65536), (1024, 128, 16384)],
+    quick_shapes=[(256, 128, 16384)],
+    tiny_shapes=[(5, 16, 70), (19, 20, 200)],
+    eager_bytes=lambda shape: 5 * shape[0] * (shape[2] + 1) * 4,
+    shape_str=lambda shape: "B={} D={} K={}".format(*shape),
+    cost=_cost,
+    launches=_launches,
+)

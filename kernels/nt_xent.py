@@ -10,17 +10,28 @@ Gradient: with ``P_ij = exp(s_ij - LSE_i)`` (zero on the diagonal),
 (online, one pass); the backward recomputes the similarity tiles once and needs both row and column
 LSEs, so it is a second pass. Memory is O(M * D) in both.
 
-Layout: reference -> chunked PyTorch path -> Triton kernels -> launchers -> autograd.Function -> public.
+Layout: reference -> chunked PyTorch path -> Triton kernels -> launch configs and launchers -> autograd.Function
+-> public function -> ``CASE`` (the table tests, the benchmark and the AOT check read).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, triton, triton_enabled
+from kernels._case import DTYPE_BYTES, TRITON_PTR, Cost, KernelCase, KernelInputs, Launch, make_signature, unit_rows
+from kernels._triton_utils import (
+    BLOCK_D_CLASSES,
+    COMPUTE_TYPES,
+    HAS_TRITON,
+    LOG2E,
+    MAX_D,
+    device_cc,
+    dot_precision,
+    dot_tile_config,
+    triton,
+    triton_enabled,
+)
 
 if HAS_TRITON:
     import triton.language as tl
@@ -55,7 +66,7 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
     return F.cross_entropy(logits, _partner(z.shape[0], z.device))
 
 
-def _fwd_chunked(z: torch.Tensor, temperature: float, chunk: int = 2048) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd_chunked(z: torch.Tensor, temperature: float, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and LSE (natural log) of the masked similarity rows, ``chunk`` rows at a time."""
     m = z.shape[0]
     inv_t = 1.0 / temperature
@@ -155,30 +166,48 @@ if HAS_TRITON:
         tl.store(dz_ptr + offs_m[:, None] * D + offs_d[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_md)
 
 
-_BLOCK_M, _BLOCK_N = 64, 64
+def fwd_config(d: int, dtype: torch.dtype, precision: str, cc: int = 90) -> dict[str, int]:
+    """``_nt_xent_fwd_kernel``: a row tile against column tiles of the same rows with an online LSE and no
+    accumulator, so InfoNCE's tiles (:func:`kernels._triton_utils.dot_tile_config`), BLOCK_B / BLOCK_K named
+    BLOCK_M / BLOCK_N here. Without TF32 (FMA dots) the diagonal mask and the partner rows cost what a second
+    accumulator costs (InfoNCE's 16 x 32 tiles: 255 registers + 112 spilled bytes on sm_90a), so it is sized
+    as one with two."""
+    cfg = dot_tile_config(d, dtype, precision, accumulators=2 if precision == "ieee" else 1)
+    if precision == "tf32" and dtype == torch.float32 and cfg["BLOCK_D"] >= 512:
+        cfg["num_warps"] = 4  # 8 warps left a 16-byte stack frame on sm_90a (80 registers); 4 warps none
+    return dict(BLOCK_M=cfg.pop("BLOCK_B"), BLOCK_N=cfg.pop("BLOCK_K"), **cfg)
 
 
-def _fwd_triton(z: torch.Tensor, temperature: float, block_m: int = _BLOCK_M,
-                block_n: int = _BLOCK_N) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss (fp32) and base-2 LSE of the masked logits."""
+def bwd_config(d: int, dtype: torch.dtype, precision: str, cc: int = 90) -> dict[str, int]:
+    """``_nt_xent_bwd_kernel``: row tile + one fp32 gradient accumulator + two weight tiles, the load of InfoNCE's
+    split kernel with gradient: the same tiles (:func:`kernels._triton_utils.dot_tile_config`)."""
+    cfg = dot_tile_config(d, dtype, precision, accumulators=2 if precision == "ieee" else 1)
+    return dict(BLOCK_M=cfg.pop("BLOCK_B"), BLOCK_N=cfg.pop("BLOCK_K"), **cfg)
+
+
+def _fwd_triton(z: torch.Tensor, temperature: float, block_m: int | None = None,
+                block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (fp32) and base-2 LSE of the masked logits; ``block_m`` / ``block_n`` override the config."""
     m, d = z.shape
+    cfg = fwd_config(d, z.dtype, dot_precision(z.dtype), device_cc(z.device))
+    cfg["BLOCK_M"], cfg["BLOCK_N"] = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
     lse2 = torch.empty(m, device=z.device, dtype=torch.float32)
     loss_rows = torch.empty_like(lse2)
-    _nt_xent_fwd_kernel[(triton.cdiv(m, block_m),)](
-        z, lse2, loss_rows, m, m // 2, d, z.stride(0), LOG2E / temperature, PRECISION=dot_precision(z.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), num_warps=4, num_stages=3)
+    _nt_xent_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        z, lse2, loss_rows, m, m // 2, d, z.stride(0), LOG2E / temperature, PRECISION=dot_precision(z.dtype), **cfg)
     return loss_rows, lse2
 
 
 def _bwd_triton(z: torch.Tensor, lse2: torch.Tensor, g: torch.Tensor, temperature: float,
-                block_m: int = _BLOCK_M, block_n: int = _BLOCK_N) -> torch.Tensor:
+                block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Gradient of ``g * mean(loss_rows)`` w.r.t. z, in z's dtype."""
     m, d = z.shape
+    cfg = bwd_config(d, z.dtype, dot_precision(z.dtype), device_cc(z.device))
+    cfg["BLOCK_M"], cfg["BLOCK_N"] = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
     dz = torch.empty_like(z)
-    _nt_xent_bwd_kernel[(triton.cdiv(m, block_m),)](
+    _nt_xent_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         z, lse2, g.float().reshape(1), dz, m, m // 2, d, z.stride(0), LOG2E / temperature, 1.0 / (m * temperature),
-        PRECISION=dot_precision(z.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), num_warps=4,
-        num_stages=2)
+        PRECISION=dot_precision(z.dtype), **cfg)
     return dz
 
 
@@ -213,11 +242,72 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
             function does not normalise), but unnormalised inputs are numerically safe (running max).
         temperature: T > 0.
     Returns: scalar fp32 loss, mean over 2N rows; gradients for z1 and z2.
-    Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > 512); otherwise a chunked
+    Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > ``MAX_D`` = 512); otherwise a chunked
     PyTorch path that also never holds the full (2N, 2N) matrix.
     """
     _check(z1, z2, temperature)
-    use_triton = triton_enabled(z1, z2) and z1.shape[1] <= 512
+    use_triton = triton_enabled(z1, z2) and z1.shape[1] <= MAX_D
     if z1.dtype != z2.dtype:
         z2 = z2.to(z1.dtype)
     return _NTXentFn.apply(z1, z2, float(temperature), use_triton)
+
+
+# ---------------------------------------------------------------- case table (tests, kernels.bench, kernels.aot)
+
+def _launches(cc: int) -> list[Launch]:
+    """Every (kernel, config) the forward and backward launchers can choose on compute capability ``cc``."""
+    if not HAS_TRITON:
+        return []
+    out = []
+    for dt, precision in COMPUTE_TYPES:
+        for block_d in BLOCK_D_CLASSES:
+            for fn, config, types in (
+                    (_nt_xent_fwd_kernel, fwd_config, dict(z_ptr=TRITON_PTR[dt], lse_ptr="*fp32", loss_ptr="*fp32",
+                                                           scale="fp32")),
+                    (_nt_xent_bwd_kernel, bwd_config, dict(z_ptr=TRITON_PTR[dt], lse_ptr="*fp32", g_ptr="*fp32",
+                                                           dz_ptr=TRITON_PTR[dt], scale="fp32", coef="fp32"))):
+                cfg = config(block_d, dt, precision, cc)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                sig = make_signature(fn, types, ("PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_D"))
+                aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("D", "stride_z")
+                out.append(Launch(fn, sig, dict(PRECISION=precision, **cfg), warps, stages, aligned=aligned,
+                                  heavy=True))
+    return out
+
+
+def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator) -> KernelInputs:
+    n, d = shape
+    z1, z2 = unit_rows(n, d, dtype, device, generator), unit_rows(n, d, dtype, device, generator)
+    z1.requires_grad_()
+    z2.requires_grad_()
+    return KernelInputs((z1, z2, 0.1), grad=(z1, z2))
+
+
+def _cost(shape: tuple[int, ...], dtype: torch.dtype) -> Cost:
+    """Forward + backward over M = 2N rows: the forward computes M^2 logits (2 M^2 D), the backward recomputes
+    them and multiplies the weights back (4 M^2 D), with one exp per logit forward and two backward. Each
+    kernel re-reads the M x D rows once per BLOCK_M-row block."""
+    n, d = shape
+    m, s = 2 * n, DTYPE_BYTES[dtype]
+    prec = dot_precision(dtype)
+    row_blocks = -(-m // fwd_config(d, dtype, prec)["BLOCK_M"]) + -(-m // bwd_config(d, dtype, prec)["BLOCK_M"])
+    return Cost(min_bytes=2 * m * d * s + 2 * m * 4, kernel_bytes=row_blocks * m * d * s + 3 * m * d * s + 4 * m * 4,
+                dot_flops=6.0 * m * m * d, exps=3.0 * m * m)
+
+
+CASE = KernelCase(
+    name="nt_xent",
+    make_inputs=_make_inputs,
+    reference=nt_xent_reference,
+    impls={"chunked": lambda z1, z2, t: _NTXentFn.apply(z1, z2, t, False),
+           "triton": lambda z1, z2, t: _NTXentFn.apply(z1, z2, t, True)},
+    has_backward=True,
+    full_shapes=[(8192, 128), (32768, 128)],
+    quick_shapes=[(1024, 128)],
+    tiny_shapes=[(7, 33), (40, 16)],
+    eager_bytes=lambda shape: 5 * (2 * shape[0]) ** 2 * 4,
+    shape_str=lambda shape: f"2N={2 * shape[0]} D={shape[1]}",
+    cost=_cost,
+    launches=_launches,
+)

@@ -15,21 +15,35 @@ with keys = values = queue). The backward is an ``O(B * D)`` scaling. SEED's tea
 1e-4, so teacher logits reach ~1e4: they are fp32 and the max is a running one, never a fixed offset.
 
 Layout of this file: reference -> chunked PyTorch path (same algorithm, CPU friendly) -> Triton kernels
-(split over the queue, then a merge) -> launcher -> autograd.Function -> public function.
+(split over the queue, then a merge) -> launch configs and launcher -> autograd.Function -> public function ->
+``CASE`` (the table tests, the benchmark and the AOT check read).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-from kernels._triton_utils import HAS_TRITON, LOG2E, dot_precision, next_pow2, split_plan, triton, triton_enabled
+from kernels._case import DTYPE_BYTES, TRITON_PTR, Cost, KernelCase, KernelInputs, Launch, make_signature, unit_rows
+from kernels._triton_utils import (
+    BLOCK_D_CLASSES,
+    COMPUTE_TYPES,
+    HAS_TRITON,
+    LOG2E,
+    device_cc,
+    dot_precision,
+    dot_tile_config,
+    next_pow2,
+    split_plan,
+    triton,
+    triton_enabled,
+)
 
 if HAS_TRITON:
     import triton.language as tl
 
-Stats = Tuple[torch.Tensor, Optional[torch.Tensor]]
+Stats = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _check(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_temperature: float,
@@ -73,7 +87,7 @@ def seed_distill_reference(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor
     return per_row.mean()
 
 
-def _online_exp_(z: torch.Tensor, m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _online_exp_(z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block of an online softmax: (new running max, factor for the old sums, ``exp(z - new max)``).
 
     ``z`` (B, C) is overwritten by the exponentials. Subtracting maxima (not log-sum-exps) keeps the
@@ -84,7 +98,7 @@ def _online_exp_(z: torch.Tensor, m: torch.Tensor) -> Tuple[torch.Tensor, torch.
 
 
 def _stats_chunked(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_temperature: float,
-                   teacher_temperature: float, need_grad: bool, chunk: Optional[int] = None) -> Stats:
+                   teacher_temperature: float, need_grad: bool, chunk: int | None = None) -> Stats:
     """PyTorch version of the kernels' algorithm: per-row loss and the unscaled student gradient.
 
     Walks the queue in chunks of ``chunk`` rows (default: 4M logits per chunk), so memory is
@@ -231,36 +245,56 @@ if HAS_TRITON:
             tl.store(gs_ptr + offs_b[:, None] * D + offs_d[None, :], gs, mask=mask_bd)
 
 
+# SEED's Triton path stops at D=256: at D=512 its two fp32 accumulators spill without TF32 even at the smallest
+# tiles (16 x 16 x 512, 16 warps: 8 B on sm_80, 192 B on sm_90a); wider embeddings take the chunked path.
+SEED_MAX_D = 256
+
+
+def split_config(d: int, dtype: torch.dtype, precision: str, with_grad: bool, cc: int = 90) -> dict[str, int]:
+    """Tiles, warps and stages of ``_seed_split_kernel`` (the launcher and the AOT table): two row tiles (s, t) and
+    two fp32 accumulators (O_s, O_t) per program, twice InfoNCE's state, so
+    :func:`kernels._triton_utils.dot_tile_config` with 2 accumulators (half the rows per program)."""
+    return dot_tile_config(d, dtype, precision, accumulators=2)
+
+
+def merge_config(d: int) -> dict[str, int]:
+    """``_seed_merge_kernel`` holds six BLOCK_B x BLOCK_D fp32 tiles (s, t, O_s, O_t and one slice's two):
+    1024 elements per tile over 4 warps is 8 values each (BLOCK_B 16 at D=64, 2 at 512)."""
+    block_d = next_pow2(d, BLOCK_D_CLASSES[0])
+    return dict(BLOCK_B=max(2, 1024 // block_d), BLOCK_D=block_d, num_warps=4, num_stages=1)
+
+
 def _stats_triton(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_temperature: float,
-                  teacher_temperature: float, need_grad: bool, splits: Optional[int] = None, block_b: int = 64,
-                  block_k: int = 64) -> Stats:
+                  teacher_temperature: float, need_grad: bool, splits: int | None = None,
+                  block_b: int | None = None, block_k: int | None = None) -> Stats:
     """Launch the split + merge kernels; same outputs as :func:`_stats_chunked` (fp32).
 
     ``splits`` (number of queue slices) defaults to enough programs for two waves over the GPU's SMs,
-    capped so the fp32 partials (two (B, D) row sums per slice) stay under 8 MB.
+    capped so the fp32 partials (two (B, D) row sums per slice) stay under 8 MB. ``block_b`` / ``block_k``
+    override :func:`split_config`. A queue in another dtype than the promoted inputs is cast once.
     """
     dt = torch.promote_types(torch.promote_types(s.dtype, t.dtype), queue.dtype)
-    s, t = s.to(dt).contiguous(), t.to(dt).contiguous()
+    s, t, queue = s.to(dt).contiguous(), t.to(dt).contiguous(), queue.to(dt)
     B, D = s.shape
     K = queue.shape[0]
-    block_d = next_pow2(D)
-    n_rb = triton.cdiv(B, block_b)
-    splits, per_split = split_plan(K, block_k, n_rb, 2 * B * D * 4, s.device, splits)
+    precision = dot_precision(dt)
+    cfg = split_config(D, dt, precision, need_grad, device_cc(s.device))
+    cfg["BLOCK_B"], cfg["BLOCK_K"] = block_b or cfg["BLOCK_B"], block_k or cfg["BLOCK_K"]
+    n_rb = triton.cdiv(B, cfg["BLOCK_B"])
+    splits, per_split = split_plan(K, cfg["BLOCK_K"], n_rb, 2 * B * D * 4, s.device, splits)
     f32 = dict(device=s.device, dtype=torch.float32)
     st_part = torch.empty(5, splits, B, **f32)  # student max, sum; teacher max, sum; cross term
     o_part = torch.empty(2, splits, B, D, **f32) if need_grad else st_part  # O_s, O_t (unnormalised)
     scale_s, scale_t = LOG2E / student_temperature, LOG2E / teacher_temperature
     _seed_split_kernel[(n_rb, splits)](
         s, t, queue, st_part, o_part, B, K, D, per_split, splits * B, s.stride(0), t.stride(0), queue.stride(0),
-        queue.stride(1), scale_s, scale_t, WITH_GRAD=need_grad, PRECISION=dot_precision(dt), BLOCK_B=block_b,
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if need_grad else 4, num_stages=3)
+        queue.stride(1), scale_s, scale_t, WITH_GRAD=need_grad, PRECISION=precision, **cfg)
     loss_rows = torch.empty(B, **f32)
     gs = torch.empty(B, D, **f32) if need_grad else None
-    mb = 32
-    _seed_merge_kernel[(triton.cdiv(B, mb),)](
+    mcfg = merge_config(D)
+    _seed_merge_kernel[(triton.cdiv(B, mcfg["BLOCK_B"]),)](
         s, t, st_part, o_part, loss_rows, gs if need_grad else loss_rows, B, D, splits, splits * B,
-        s.stride(0), t.stride(0), scale_s, scale_t, 1.0 / student_temperature,
-        WITH_GRAD=need_grad, BLOCK_B=mb, BLOCK_D=block_d, num_warps=4)
+        s.stride(0), t.stride(0), scale_s, scale_t, 1.0 / student_temperature, WITH_GRAD=need_grad, **mcfg)
     return loss_rows, gs
 
 
@@ -293,13 +327,91 @@ def seed_distill(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_
         student_temperature: T_s > 0 (SEED: 0.2); teacher_temperature: T_t > 0 (SEED: 1e-4).
     Returns:
         scalar fp32 loss ``mean_b sum_j -softmax(t_b x / T_t)_j log_softmax(s_b x / T_s)_j``, x = [t_b, queue].
-    Runs the Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > 512) and a chunked
+    Runs the Triton kernels for CUDA tensors (unless ``SMALLSSL_TRITON=0`` or D > ``SEED_MAX_D`` = 256) and a chunked
     PyTorch path with the same algorithm otherwise; both keep O(B * D) memory for the backward.
     """
     _check(s, t, queue, student_temperature, teacher_temperature)
-    if triton_enabled(s, t, queue) and s.shape[1] <= 512:
+    if triton_enabled(s, t, queue) and s.shape[1] <= SEED_MAX_D:
         stats_fn = _stats_triton
     else:
         stats_fn = _stats_chunked
     return _SeedDistillFn.apply(s, t.detach(), queue.detach(), float(student_temperature),
                                 float(teacher_temperature), stats_fn)
+
+
+# ---------------------------------------------------------------- case table (tests, kernels.bench, kernels.aot)
+
+def _launches(cc: int) -> list[Launch]:
+    """Every (kernel, config) :func:`_stats_triton` can launch on compute capability ``cc``."""
+    if not HAS_TRITON:
+        return []
+    out = []
+    const = ("WITH_GRAD", "PRECISION", "BLOCK_B", "BLOCK_K", "BLOCK_D")
+    widths = [w for w in BLOCK_D_CLASSES if w <= SEED_MAX_D]
+    for dt, precision in COMPUTE_TYPES:
+        for block_d in widths:
+            for grad in (False, True):
+                cfg = split_config(block_d, dt, precision, grad, cc)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                sig = make_signature(_seed_split_kernel, dict(
+                    s_ptr=TRITON_PTR[dt], t_ptr=TRITON_PTR[dt], queue_ptr=TRITON_PTR[dt], st_ptr="*fp32",
+                    o_ptr="*fp32", scale_s="fp32", scale_t="fp32"), const)
+                out.append(Launch(_seed_split_kernel, sig, dict(WITH_GRAD=grad, PRECISION=precision, **cfg), warps,
+                                  stages, aligned=("s_ptr", "t_ptr", "queue_ptr", "st_ptr", "o_ptr", "D", "stride_sb",
+                                                   "stride_tb", "stride_kk"), ones=("stride_kd",), heavy=True))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for block_d in widths:
+            for grad in (False, True):
+                cfg = merge_config(block_d)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                sig = make_signature(_seed_merge_kernel, dict(
+                    s_ptr=TRITON_PTR[dt], t_ptr=TRITON_PTR[dt], st_ptr="*fp32", o_ptr="*fp32", loss_ptr="*fp32",
+                    gs_ptr="*fp32", scale_s="fp32", scale_t="fp32", inv_ts="fp32"), ("WITH_GRAD", "BLOCK_B", "BLOCK_D"))
+                out.append(Launch(_seed_merge_kernel, sig, dict(WITH_GRAD=grad, **cfg), warps, stages,
+                                  aligned=("s_ptr", "t_ptr", "st_ptr", "o_ptr", "gs_ptr", "D", "stride_sb",
+                                           "stride_tb")))
+    return out
+
+
+_TEMPS = (0.2, 1e-4)  # SEED's student and teacher temperatures
+
+
+def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator) -> KernelInputs:
+    b, d, k = shape
+    s, t = unit_rows(b, d, dtype, device, generator), unit_rows(b, d, dtype, device, generator)
+    queue = unit_rows(k, d, dtype, device, generator)
+    s.requires_grad_()
+    return KernelInputs((s, t, queue, *_TEMPS), grad=(s,))
+
+
+def _cost(shape: tuple[int, ...], dtype: torch.dtype) -> Cost:
+    """Forward + backward: student and teacher logits (2 x 2 B K D) and both weighted row sums (2 x 2 B K D),
+    two exps per entry; the split kernel reads the queue once per BLOCK_B-row block and writes 5 + 2 D fp32
+    partials per row and slice (H100's 132 SMs)."""
+    b, d, k = shape
+    s = DTYPE_BYTES[dtype]
+    cfg = split_config(d, dtype, dot_precision(dtype), True)
+    n_rb = -(-b // cfg["BLOCK_B"])
+    splits, _ = split_plan(k, cfg["BLOCK_K"], n_rb, 2 * b * d * 4, torch.device("cpu"), sms=132)
+    partials = splits * b * (5 + 2 * d) * 4
+    kernel = n_rb * k * d * s + 4 * b * d * s + 2 * partials + b * d * 4 * 2 + b * d * s
+    return Cost(min_bytes=(3 * b * d + k * d) * s, kernel_bytes=kernel, dot_flops=8.0 * b * k * d,
+                exps=2.0 * b * k)
+
+
+CASE = KernelCase(
+    name="seed_distill",
+    make_inputs=_make_inputs,
+    reference=seed_distill_reference,
+    impls={"chunked": lambda s, t, queue, ts, tt: _SeedDistillFn.apply(s, t, queue, ts, tt, _stats_chunked),
+           "triton": lambda s, t, queue, ts, tt: _SeedDistillFn.apply(s, t, queue, ts, tt, _stats_triton)},
+    has_backward=True,
+    full_shapes=[(256, 128, 65536)],
+    quick_shapes=[(256, 128, 16384)],
+    tiny_shapes=[(5, 16, 70), (19, 20, 200)],
+    eager_bytes=lambda shape: 8 * shape[0] * (shape[2] + 1) * 4,
+    shape_str=lambda shape: "B={} D={} K={}".format(*shape),
+    cost=_cost,
+    launches=_launches,
+)

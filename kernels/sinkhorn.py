@@ -24,7 +24,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from kernels._triton_utils import HAS_TRITON, LOG2E, num_sms, triton, triton_enabled
+from kernels._case import DTYPE_BYTES, TRITON_PTR, Cost, KernelCase, KernelInputs, Launch, make_signature, unit_rows
+from kernels._triton_utils import HAS_TRITON, LOG2E, device_cc, num_sms, triton, triton_enabled
 
 if HAS_TRITON:
     import triton.language as tl
@@ -35,6 +36,8 @@ def _world_size() -> int:
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum (or max) over ranks, as ``smallssl.dist.all_reduce_sum``; kept here so that kernels/ imports
+    nothing from smallssl (the library depends on the kernels, not the other way round)."""
     if _world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
@@ -175,15 +178,27 @@ def _splits(n_other: int, n_tiles: int, device: torch.device, waves: int = 4) ->
     return max(1, min(n_tiles, triton.cdiv(waves * num_sms(device), max(1, n_other))))
 
 
+def config(dtype: torch.dtype, cc: int = 90) -> dict[str, int]:
+    """Tiles of the four Sinkhorn kernels (the launcher and the AOT table): each streams BLOCK_B x BLOCK_K
+    tiles of the scores and keeps vectors, so a 32 x 128 fp32 tile is 32 values per thread over 4 warps;
+    128 columns of fp32 are 512-byte rows, full 16-byte loads per thread. Triton's default 3 stages pipeline
+    the loads of the three looping kernels (48 KB of shared memory at fp32)."""
+    return dict(BLOCK_B=32, BLOCK_K=128, num_warps=4, num_stages=3)
+
+
 @torch.no_grad()
-def _sinkhorn_triton(scores: torch.Tensor, epsilon: float, n_iters: int, block_b: int = 32,
-                     block_k: int = 128) -> torch.Tensor:
-    """Same result as :func:`sinkhorn_reference` for ``n_iters >= 1`` (fp32 accumulation)."""
+def _sinkhorn_triton(scores: torch.Tensor, epsilon: float, n_iters: int, block_b: int | None = None,
+                     block_k: int | None = None) -> torch.Tensor:
+    """Same result as :func:`sinkhorn_reference` for ``n_iters >= 1`` (fp32 accumulation); ``block_b`` /
+    ``block_k`` override :func:`config`."""
     x = scores.detach()
     if x.stride(1) != 1:
         x = x.contiguous()
     B, K = x.shape
     dev = x.device
+    cfg = config(x.dtype, device_cc(dev))
+    block_b, block_k = block_b or cfg["BLOCK_B"], block_k or cfg["BLOCK_K"]
+    launch = dict(BLOCK_B=block_b, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     alpha = LOG2E / epsilon  # base-2 exponent scale
     f32 = dict(device=dev, dtype=torch.float32)
     n_rb, n_kb = triton.cdiv(B, block_b), triton.cdiv(K, block_k)
@@ -196,7 +211,7 @@ def _sinkhorn_triton(scores: torch.Tensor, epsilon: float, n_iters: int, block_b
     ks = triton.cdiv(K, cols_per)
 
     pmax, psum = torch.empty(bs, K, **f32), torch.empty(bs, K, **f32)
-    _sk_init_kernel[(n_kb, bs)](x, pmax, psum, B, K, x.stride(0), alpha, rows_per, BLOCK_B=block_b, BLOCK_K=block_k)
+    _sk_init_kernel[(n_kb, bs)](x, pmax, psum, B, K, x.stride(0), alpha, rows_per, **launch)
     m = _all_reduce(pmax.amax(dim=0), "max")  # (K,) per-prototype max, base 2
     r = _all_reduce((psum * torch.exp2(pmax - m)).sum(dim=0))  # r_k with v = 1
     # swav's constant factors (1/K, 1/B) are kept so that u and v stay O(1) for any B/K ratio.
@@ -205,18 +220,16 @@ def _sinkhorn_triton(scores: torch.Tensor, epsilon: float, n_iters: int, block_b
     pr = torch.empty(bs, K, **f32)
     for it in range(n_iters):
         g = m + torch.log2(r) + log2_k  # exp2(alpha x - g) = E_bk u_k with u = 1 / (K r)
-        _sk_sample_kernel[(n_rb, ks)](x, g, pcm, pcs, B, K, x.stride(0), alpha, cols_per, BLOCK_B=block_b,
-                                      BLOCK_K=block_k)
+        _sk_sample_kernel[(n_rb, ks)](x, g, pcm, pcs, B, K, x.stride(0), alpha, cols_per, **launch)
         cmax = pcm.amax(dim=0)
         lc = cmax + torch.log2((pcs * torch.exp2(pcm - cmax)).sum(dim=0))  # log2 c_b, c_b = sum_k E_bk u_k
         if it == n_iters - 1:
             break
         lv = -(lc + log2_b)  # v = 1 / (B c)
-        _sk_proto_kernel[(n_kb, bs)](x, m, lv, pr, B, K, x.stride(0), alpha, rows_per, BLOCK_B=block_b,
-                                     BLOCK_K=block_k)
+        _sk_proto_kernel[(n_kb, bs)](x, m, lv, pr, B, K, x.stride(0), alpha, rows_per, **launch)
         r = _all_reduce(pr.sum(dim=0))
     out = torch.empty(B, K, **f32)
-    _sk_write_kernel[(n_rb, n_kb)](x, g, lc, out, B, K, x.stride(0), alpha, BLOCK_B=block_b, BLOCK_K=block_k)
+    _sk_write_kernel[(n_rb, n_kb)](x, g, lc, out, B, K, x.stride(0), alpha, **launch)
     return out
 
 
@@ -236,3 +249,58 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3) -> t
     if n_iters >= 1 and scores.numel() > 0 and triton_enabled(scores):
         return _sinkhorn_triton(scores, float(epsilon), int(n_iters))
     return sinkhorn_reference(scores, epsilon, n_iters)
+
+
+# ---------------------------------------------------------------- case table (tests, kernels.bench, kernels.aot)
+
+def _launches(cc: int) -> list[Launch]:
+    """The four kernels at :func:`config`, for every scores dtype (the kernels upcast to fp32 as they load)."""
+    if not HAS_TRITON:
+        return []
+    out = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        cfg = config(dt, cc)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        for fn, types in ((_sk_init_kernel, dict(pmax_ptr="*fp32", psum_ptr="*fp32")),
+                          (_sk_sample_kernel, dict(g_ptr="*fp32", pmax_ptr="*fp32", psum_ptr="*fp32")),
+                          (_sk_proto_kernel, dict(m_ptr="*fp32", lv_ptr="*fp32", pr_ptr="*fp32")),
+                          (_sk_write_kernel, dict(g_ptr="*fp32", lc_ptr="*fp32", q_ptr="*fp32"))):
+            sig = make_signature(fn, dict(x_ptr=TRITON_PTR[dt], alpha="fp32", **types), ("BLOCK_B", "BLOCK_K"))
+            aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("K", "stride_b")
+            out.append(Launch(fn, sig, dict(cfg), warps, stages, aligned=aligned, heavy=True))
+    return out
+
+
+def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator) -> KernelInputs:
+    b, k, iters = shape
+    scores = (unit_rows(b, 64, torch.float32, device, generator) @ unit_rows(k, 64, torch.float32, device,
+                                                                             generator).t()).to(dtype)
+    return KernelInputs((scores, 0.05, iters))
+
+
+def _cost(shape: tuple[int, ...], dtype: torch.dtype) -> Cost:
+    """The scores are read once and the fp32 codes written once at least; these kernels read the scores
+    2 n_iters + 1 times (init, a per-sample pass per iteration, a per-prototype pass per iteration but the
+    last, the write) with one exp per element per pass. No matrix products."""
+    b, k, iters = shape
+    s = DTYPE_BYTES[dtype]
+    passes = 2 * iters + 1
+    return Cost(min_bytes=b * k * (s + 4), kernel_bytes=passes * b * k * s + b * k * 4, dot_flops=0.0,
+                exps=float(passes * b * k))
+
+
+CASE = KernelCase(
+    name="sinkhorn",
+    make_inputs=_make_inputs,
+    reference=sinkhorn_reference,
+    impls={"triton": lambda scores, eps, iters: _sinkhorn_triton(scores, eps, iters)},
+    has_backward=False,
+    full_shapes=[(256, 3000, 3), (4096, 3000, 3), (1024, 16384, 10), (128, 65536, 3)],
+    quick_shapes=[(256, 3000, 3), (1024, 3000, 3)],
+    tiny_shapes=[(7, 33, 3), (37, 70, 10)],
+    eager_bytes=lambda shape: 3 * shape[0] * shape[1] * 4,
+    shape_str=lambda shape: "{}x{} it={}".format(*shape),
+    cost=_cost,
+    launches=_launches,
+)

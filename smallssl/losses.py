@@ -1,21 +1,33 @@
-"""Pure loss functions (no state, no I/O). Fused Triton versions live in ``kernels/`` beside references."""
+"""Pure loss functions (no state, no I/O), and the one library module that imports ``kernels``.
+
+Methods take every loss from here; InfoNCE, NT-Xent, SEED's distillation and Sinkhorn are the fused kernels of
+``kernels/`` (Triton on CUDA, a chunked PyTorch path elsewhere; ``SMALLSSL_TRITON=0`` turns Triton off), whose
+files also hold the references (``kernels.info_nce.info_nce_reference`` ...).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels.info_nce import info_nce as _info_nce
+from kernels.nt_xent import nt_xent
+from kernels.seed_distill import seed_distill as _seed_distill
+from kernels.sinkhorn import sinkhorn
+
+__all__ = ["barlow_twins_loss", "barlow_twins_loss_from_c", "batch_standardize", "byol_loss", "cross_correlation",
+           "info_nce", "info_nce_top1", "negative_cosine", "nt_xent", "seed_distill", "sinkhorn",
+           "soft_cross_entropy", "swav_loss"]
+
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
              return_accuracy: bool = False):
     """MoCo's InfoNCE (He et al., 2020): ``CE([q.k, q queue^T] / T, 0)`` averaged over the batch.
 
-    q, k: (B, D) L2-normalised; queue: (K, D) negatives (no gradient). Dispatches to ``kernels.info_nce``
-    (fused Triton on CUDA, chunked PyTorch elsewhere). ``return_accuracy``: also the pretext top-1 (%).
+    q, k: (B, D) L2-normalised; queue: (K, D) negatives (no gradient). ``kernels.info_nce`` (fused Triton on
+    CUDA, chunked PyTorch elsewhere). ``return_accuracy``: also the pretext top-1 (%).
     """
-    import kernels
-
-    return kernels.info_nce(q, k, queue, temperature, return_accuracy=return_accuracy)
+    return _info_nce(q, k, queue, temperature, return_accuracy=return_accuracy)
 
 
 @torch.no_grad()
@@ -113,25 +125,9 @@ def seed_distill(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_
     target of the student's ``log_softmax([s.t, s queue^T] / T_s)``. Logits are fp32: T_t = 1e-4 scales
     them to ~1e4. As T_t -> 0 the target becomes the one-hot of the teacher's argmax (the positive, since
     t.t = 1 is the largest similarity) and the loss becomes InfoNCE with the teacher embedding as key.
-    Dispatches to ``kernels.seed_distill`` (same signature) when the kernels package provides it.
+    ``kernels.seed_distill`` (fused; its reference is ``kernels.seed_distill.seed_distill_reference``).
     """
-    import kernels
-
-    fused = getattr(kernels, "seed_distill", None)
-    if callable(fused):
-        return fused(s, t, queue, student_temperature, teacher_temperature)
-    return seed_distill_reference(s, t, queue, student_temperature, teacher_temperature)
-
-
-def seed_distill_reference(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, student_temperature: float,
-                           teacher_temperature: float) -> torch.Tensor:
-    """Eager PyTorch version of :func:`seed_distill` (materialises the (B, 1 + K) logits)."""
-    if student_temperature <= 0 or teacher_temperature <= 0:
-        raise ValueError(f"temperatures must be > 0, got student {student_temperature}, teacher {teacher_temperature}")
-    s, t, queue = s.float(), t.detach().float(), queue.detach().float()
-    logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1)  # B x (1+K)
-    logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1)  # B x (1+K)
-    return soft_cross_entropy(logits_s / student_temperature, logits_t / teacher_temperature)
+    return _seed_distill(s, t, queue, student_temperature, teacher_temperature)
 
 
 # ------------------------------------------------------------------------------------------------- SwAV

@@ -9,9 +9,16 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from smallssl.losses import (barlow_twins_loss, barlow_twins_loss_from_c, batch_standardize, byol_loss,
-                             cross_correlation, negative_cosine)
-from smallssl.methods.simclr import nt_xent, nt_xent_top1
+from smallssl.losses import (
+    barlow_twins_loss,
+    barlow_twins_loss_from_c,
+    batch_standardize,
+    byol_loss,
+    cross_correlation,
+    negative_cosine,
+    nt_xent,
+)
+from smallssl.methods.simclr import nt_xent_top1
 
 
 # ---------------------------------------------------------------------------------------------- SimCLR
@@ -113,8 +120,8 @@ def test_barlow_c_is_the_correlation_matrix():
 def _ddp_worker(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, q) -> None:
     import torch.distributed as dist
 
-    from smallssl.methods.barlow import _AllReduceSum
-    from smallssl.methods.simclr import gather_with_grad
+    from smallssl.dist import all_gather_with_grad as gather_with_grad
+    from smallssl.dist import all_reduce_sum_with_grad
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -126,7 +133,7 @@ def _ddp_worker(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, q) -> 
         simclr.backward()
         s_grads = (a1.grad.tolist(), a2.grad.tolist())  # plain lists: tensors die with the process
         a1.grad = a2.grad = None
-        c = cross_correlation(a1, a2, reduce_sum=_AllReduceSum.apply, n_total=2 * b)
+        c = cross_correlation(a1, a2, reduce_sum=all_reduce_sum_with_grad, n_total=2 * b)
         barlow = barlow_twins_loss_from_c(c, 0.1)[0]
         barlow.backward()
         q.put((rank, float(simclr.detach()), s_grads, float(barlow.detach()), (a1.grad.tolist(), a2.grad.tolist())))
