@@ -9,8 +9,10 @@ For each parameter tensor ``w`` with gradient ``g`` and weight decay ``wd`` (LAR
     buf      = momentum * buf + d        (buf = d at the first step)
     w       <- w - lr * (d + momentum * buf if nesterov else buf)
 
-Biases and normalisation weights (``ndim <= 1``) are excluded by :func:`lars_param_groups`: no trust ratio and no
-weight decay (plain SGD with momentum), as in SimCLR / BYOL / VISSL's ``exclude_bias_and_norm``.
+SwAV and SEER apply LARC and weight decay to every parameter, biases and BatchNorm included
+(``--optimizer lars``). ``--optimizer lars-exclude-bn`` puts biases and normalisation weights (``ndim <= 1``) in a
+group without trust ratio and without weight decay (plain SGD with momentum), as SimCLR / BYOL / VISSL's
+``exclude_bias_and_norm`` do (:func:`lars_param_groups`, :func:`smallssl.optim.param_groups`).
 Works on plain tensors and on FSDP2 ``DTensor`` shards (norms are global: no ``.item()`` in the step).
 """
 
@@ -82,8 +84,11 @@ class LARS(torch.optim.Optimizer):
 
 
 def lars_param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
-    """Two groups: weights with LARS + weight decay, and biases / norm weights (``ndim <= 1``) without either
-    (:func:`smallssl.optim.param_groups` with the exclusion on by default)."""
-    from .optim import param_groups
-
-    return param_groups(model, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)
+    """Weights (LARS + weight decay) and, with ``exclude_bias_and_norm``, a second group of biases / norm
+    weights (``ndim <= 1``) without either. ``exclude_bias_and_norm=False``: one group, SwAV / SEER's usage.
+    (:func:`smallssl.optim.param_groups` does the same and also honours a method's own parameter groups.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_bias_and_norm:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]

@@ -1,11 +1,11 @@
-"""Method registry: ``METHODS[name]`` is a class ``cls(backbone, **kwargs)`` whose ``forward(views)``
-returns ``{"loss": scalar, **logs}``. Contract tests iterate over this dict."""
+"""Method registry: ``METHODS[name]`` is an :class:`~smallssl.methods.base.SSLMethod` subclass built as
+``cls(backbone, **kwargs)`` whose ``forward(views)`` returns ``{"loss": scalar, **logs}`` (the contract is
+:mod:`smallssl.methods.base`). Contract tests iterate over this dict."""
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 from .barlow import BarlowTwins
+from .base import SSLMethod
 from .byol import BYOL
 from .moco import MoCo
 from .seed import SEED
@@ -13,7 +13,7 @@ from .simclr import SimCLR
 from .simsiam import SimSiam
 from .swav import SwAV
 
-METHODS: dict[str, type[nn.Module]] = {
+METHODS: dict[str, type[SSLMethod]] = {
     "moco": MoCo,
     "seed": SEED,
     "simclr": SimCLR,

@@ -21,15 +21,15 @@ from LARS adaptation and weight decay, as in the paper.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .. import dist as sdist
 from ..heads import Encoder
 from ..losses import barlow_twins_loss_from_c, cross_correlation
+from .base import SSLMethod
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -54,23 +54,7 @@ def barlow_projector(in_dim: int, sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; backward sums the incoming gradients over ranks (every rank holds the same loss)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        g = g.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g
-
-
-class BarlowTwins(nn.Module):
+class BarlowTwins(SSLMethod):
     """Barlow Twins: encoder + projector (``encoder_q``) shared by both views, cross-correlation to identity.
 
     Args:
@@ -96,10 +80,6 @@ class BarlowTwins(nn.Module):
         self.lambd, self.eps, self.bias_lr_scale = lambd, eps, bias_lr_scale
         self.encoder_q = Encoder(backbone, barlow_projector(backbone.num_features, projector))
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
-
     def param_group_options(self) -> list[tuple[list[nn.Parameter], dict]]:
         """Biases and norm weights (ndim <= 1) at ``bias_lr_scale`` x the lr (:func:`smallssl.optim.param_groups`)."""
         small = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
@@ -114,9 +94,10 @@ class BarlowTwins(nn.Module):
         """views: [x1, x2], each (B, 3, H, W). Returns loss, its on-diagonal and (unweighted) off-diagonal terms."""
         if len(views) != 2:
             raise ValueError(f"Barlow Twins takes exactly 2 views, got {len(views)}")
-        z1, z2 = self.encoder_q(views[0]), self.encoder_q(views[1])  # (B, D) each
+        (z1, feat), z2 = self.encoder_q.embed(views[0]), self.encoder_q(views[1])  # (B, D) each
         world = sdist.get_world_size()
-        reduce = _AllReduceSum.apply if world > 1 else None
+        reduce = sdist.all_reduce_sum_with_grad if world > 1 else None
         c = cross_correlation(z1, z2, self.eps, reduce_sum=reduce, n_total=z1.shape[0] * world)  # D x D
         loss, on, off = barlow_twins_loss_from_c(c, self.lambd)
-        return {"loss": loss, "on_diag": on.detach(), "off_diag": off.detach()}
+        return {"loss": loss, "on_diag": on.detach(), "off_diag": off.detach(), "emb": [z1.detach(), z2.detach()],
+                "feat": feat.detach()}

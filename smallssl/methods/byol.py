@@ -7,7 +7,7 @@ Per step, for two views ``x1, x2``: the online network (encoder + projector, ``e
 (the symmetrised loss of eq. 2). After the optimiser step the target follows the online weights by an
 exponential moving average, ``xi <- tau xi + (1 - tau) theta``, with the cosine schedule
 ``tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2`` from ``tau_base`` (0.996) at step 0 to 1 at the end
-(:func:`smallssl.optim.cosine_momentum`; the trainer calls :meth:`after_step`).
+(:func:`smallssl.momentum.cosine_momentum`; the trainer calls :meth:`after_step`).
 
 Paper defaults: ResNet-50, projector and predictor Linear(., 4096)-BN-ReLU-Linear(4096, 256), batch 4096,
 LARS lr 0.2 x B/256, weight decay 1.5e-6, tau_base 0.996, 1000 epochs (300-epoch results in the paper
@@ -18,17 +18,16 @@ statistics) are copied, not averaged, into the target.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
 from ..heads import Encoder, mlp
 from ..losses import byol_loss
-from ..optim import cosine_momentum
+from ..momentum import cosine_momentum, ema_update_, frozen_copy
+from .base import SSLMethod
 
 
-class BYOL(nn.Module):
+class BYOL(SSLMethod):
     """BYOL: online encoder + projector + predictor, EMA target (``encoder_k``).
 
     Args:
@@ -48,13 +47,7 @@ class BYOL(nn.Module):
         self.momentum = base_momentum  # the tau used by the last EMA update (logged)
         self.encoder_q = Encoder(backbone, mlp(backbone.num_features, hidden_dim, dim, num_layers=2, bn=True))
         self.predictor = mlp(dim, hidden_dim, dim, num_layers=2, bn=True)
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        for p in self.encoder_k.parameters():
-            p.requires_grad = False
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
+        self.encoder_k = frozen_copy(self.encoder_q)
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:
@@ -63,11 +56,7 @@ class BYOL(nn.Module):
     @torch.no_grad()
     def ema_update(self, tau: float) -> None:
         """``xi <- tau xi + (1 - tau) theta`` for parameters; buffers (BN statistics) are copied."""
-        k_params = list(self.encoder_k.parameters())
-        torch._foreach_mul_(k_params, tau)
-        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1.0 - tau)
-        for bk, bq in zip(self.encoder_k.buffers(), self.encoder_q.buffers()):
-            bk.copy_(bq)
+        ema_update_(self.encoder_k, self.encoder_q, tau, copy_buffers=True)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after optimizer step ``step`` (0-based) of ``total_steps``."""
@@ -79,8 +68,10 @@ class BYOL(nn.Module):
         if len(views) != 2:
             raise ValueError(f"BYOL takes exactly 2 views, got {len(views)}")
         x1, x2 = views
-        p1, p2 = self.predictor(self.encoder_q(x1)), self.predictor(self.encoder_q(x2))  # (B, dim) each
+        (z1o, feat), z2o = self.encoder_q.embed(x1), self.encoder_q(x2)  # online projections (B, dim)
+        p1, p2 = self.predictor(z1o), self.predictor(z2o)  # (B, dim) each
         with torch.no_grad():
             z1, z2 = self.encoder_k(x1), self.encoder_k(x2)
         loss = byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())
-        return {"loss": loss, "tau": torch.tensor(self.momentum)}
+        return {"loss": loss, "tau": torch.tensor(self.momentum), "emb": [z1o.detach(), z2o.detach()],
+                "feat": feat.detach()}

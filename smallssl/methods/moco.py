@@ -13,10 +13,11 @@ one process it is emulated by running the key encoder on ``shuffle_bn_splits`` r
 query encoder on the same number of sub-batches in order (SplitBatchNorm), so BN statistics of a query and
 its key never come from the same set of images.
 
-Symmetric loss (``symmetric=True``, ``--moco-symmetric``; the loss of MoCo's official CIFAR-10 demo and of
-MoCo v3): each view is both query and key, ``loss = (InfoNCE(q1, k2) + InfoNCE(q2, k1)) / 2`` against the
-same queue, and both views' keys are enqueued (K must be a multiple of twice the global batch). Twice the
-gradient signal per image for ~1.7x the compute; at short budgets it learns faster per second.
+Symmetric loss (``symmetric=True``, ``--moco-symmetric``; the loss of MoCo's official CIFAR-10 demo): each
+view is both query and key, ``loss = InfoNCE(q1, k2) + InfoNCE(q2, k1)`` (the sum, as in the demo: twice the
+mean's gradient) against the same queue, and both views' keys are enqueued, view 1's first (K must be a multiple
+of twice the global batch). MoCo v3 also sums both directions, but against in-batch keys (no queue) and scaled
+by 2T; that is not what this computes. ~1.7x the compute per step; at short budgets it learns faster per second.
 
 The queue is stored as (K, dim) (rows are keys, the layout the fused kernel reads); checkpoints of the
 official (dim, K) layout are transposed on load.
@@ -24,19 +25,19 @@ official (dim, K) layout are transposed on load.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist as sdist
 from ..heads import Encoder, build_head
-from ..queue import check_queue_batch, enqueue_keys
 from ..losses import info_nce
+from ..momentum import ema_update_, frozen_copy
+from ..queue import check_queue_batch, enqueue_keys
+from .base import SSLMethod
 
 
-class MoCo(nn.Module):
+class MoCo(SSLMethod):
     """MoCo with a queue of negatives and a momentum key encoder.
 
     Args:
@@ -63,25 +64,16 @@ class MoCo(nn.Module):
             raise ValueError(f"shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
         self.K, self.m, self.T, self.shuffle_bn_splits, self.symmetric = K, m, T, shuffle_bn_splits, symmetric
         self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        for p in self.encoder_k.parameters():
-            p.requires_grad = False
+        self.encoder_k = frozen_copy(self.encoder_q)
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
 
     def check_batch(self, global_batch: int) -> None:
         check_queue_batch(self.K, global_batch * (2 if self.symmetric else 1), "--moco-k")
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        q_params = [p.detach() for p in self.encoder_q.parameters()]
-        k_params = list(self.encoder_k.parameters())
-        torch._foreach_mul_(k_params, self.m)
-        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
+        ema_update_(self.encoder_k, self.encoder_q, self.m)  # key encoder keeps its own BN statistics
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:
@@ -117,16 +109,17 @@ class MoCo(nn.Module):
         order = torch.randperm(x_k.shape[0], device=x_k.device) if self.shuffle_bn_splits > 1 else None
         return F.normalize(self._split_forward(self.encoder_k, x_k, order), dim=1)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised queries (B, dim) and the backbone features (B, D), in ``shuffle_bn_splits`` sub-batches."""
         splits = self.shuffle_bn_splits if sdist.get_world_size() == 1 else 1
-        q = self.encoder_q(x) if splits == 1 else torch.cat([self.encoder_q(c) for c in x.chunk(splits)])
-        return F.normalize(q.float(), dim=1)
+        q, f = zip(*[self.encoder_q.embed(c) for c in (x.chunk(splits) if splits > 1 else [x])])
+        return F.normalize(torch.cat(q).float(), dim=1), torch.cat(f)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """views: [x_q, x_k], each (B, 3, H, W). Returns loss and pretext top-1 (%)."""
         x_q, x_k = views[0], views[1]
-        q = self._queries(x_q)
-        q2 = self._queries(x_k) if self.symmetric else None
+        q, feat = self._queries(x_q)
+        q2 = self._queries(x_k)[0] if self.symmetric else None
         with torch.no_grad():
             self.momentum_update()
             k = self._keys(x_k).float()
@@ -135,7 +128,9 @@ class MoCo(nn.Module):
         loss, acc1 = info_nce(q, k, queue, self.T, return_accuracy=True)
         if self.symmetric:
             loss2, acc2 = info_nce(q2, k2, queue, self.T, return_accuracy=True)
-            loss, acc1 = 0.5 * (loss + loss2), 0.5 * (acc1 + acc2)
-            k = torch.cat([k, k2])
+            # MoCo's CIFAR-10 demo: the sum of both directions (not their mean), keys of view 1 then view 2.
+            loss, acc1 = loss + loss2, 0.5 * (acc1 + acc2)
+            k = torch.cat([k2, k])
         self.enqueue(sdist.all_gather_cat(k))
-        return {"loss": loss, "acc1": acc1}
+        emb = [q.detach()] + ([q2.detach()] if self.symmetric else [])
+        return {"loss": loss, "acc1": acc1, "emb": emb, "feat": feat.detach()}

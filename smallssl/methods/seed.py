@@ -26,7 +26,6 @@ differs from the student's embedding dim. A teacher whose embedding width differ
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,11 +33,13 @@ import torch.nn.functional as F
 from .. import dist as sdist
 from ..checkpoints.teacher import TEACHER_PROJ, teacher_dim
 from ..heads import Encoder, build_head
-from ..queue import check_queue_batch, enqueue_keys
 from ..losses import info_nce_top1, seed_distill
+from ..momentum import freeze_
+from ..queue import check_queue_batch, enqueue_keys
+from .base import SSLMethod
 
 
-class SEED(nn.Module):
+class SEED(SSLMethod):
     """SEED distillation of a frozen teacher into the student ``encoder_q``.
 
     Args:
@@ -69,16 +70,10 @@ class SEED(nn.Module):
                              f"teacher projection choices: {', '.join(TEACHER_PROJ)}")
         self.K, self.T, self.teacher_T = K, T, teacher_T
         self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
-        self.teacher = teacher
-        for p in self.teacher.parameters():
-            p.requires_grad = False
+        self.teacher = freeze_(teacher)
         self.teacher.eval()
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
 
     def train(self, mode: bool = True) -> SEED:
         """Train the student only: the teacher keeps its BN running statistics (eval mode) for good."""
@@ -106,7 +101,8 @@ class SEED(nn.Module):
         where the student's and the teacher's most similar entry of [positive, queue] coincide).
         """
         x = views[0]
-        s = F.normalize(self.encoder_q(x).float(), dim=1)
+        s, feat = self.encoder_q.embed(x)
+        s = F.normalize(s.float(), dim=1)
         t = self.teacher_embed(x)
         queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
         loss = seed_distill(s, t, queue, self.T, self.teacher_T)
@@ -117,4 +113,4 @@ class SEED(nn.Module):
             best_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], 1).argmax(1)
             agree = (best_s == best_t).float().mean() * 100
         self.enqueue(sdist.all_gather_cat(t))
-        return {"loss": loss, "acc1": acc1, "agree": agree}
+        return {"loss": loss, "acc1": acc1, "agree": agree, "emb": [s.detach()], "feat": feat.detach()}

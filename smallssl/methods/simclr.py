@@ -3,11 +3,11 @@ Representations", ICML 2020, arXiv:2002.05709).
 
 Per step, for two views ``x1, x2`` of a batch of B images: ``z_v = normalize(g(f(x_v)))`` (B, dim) and the
 NT-Xent loss over the 2N embeddings of the *global* batch (N = world * B): each embedding's positive is the
-other view of its image, the other 2N - 2 embeddings are its negatives (``kernels.nt_xent``).
+other view of its image, the other 2N - 2 embeddings are its negatives (``losses.nt_xent``).
 
 Paper defaults (ImageNet): ResNet-50, projection head Linear(2048, 2048)-BN-ReLU-Linear(2048, 128), batch
 4096, LARS with lr 0.3 x B/256 (4.8), weight decay 1e-6, temperature 0.1, 10 warm-up epochs, cosine decay.
-CIFAR-10 (appendix B.9): ResNet-50 with the CIFAR stem, batch 1024, temperature 0.5. Seed 003 uses 0.5.
+CIFAR-10 (appendix B.9): ResNet-50 with the CIFAR stem, batch 1024, temperature 0.5.
 
 Under DDP the embeddings are all-gathered *with* gradient and every rank computes the same global loss;
 the gather's backward sums the gradients of all ranks and DDP averages them, which gives exactly the
@@ -18,43 +18,13 @@ against the global negatives; the loss value is the same, the compute per rank i
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist as sdist
 from ..heads import Encoder, mlp
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``kernels.nt_xent`` (fused, O(N D) memory); imported lazily so ``kernels`` stays optional at import."""
-    from kernels.nt_xent import nt_xent as fused
-
-    return fused(z1, z2, temperature)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather (B, D) from every rank into (W B, D); backward sums the incoming gradients over ranks and
-    returns this rank's rows (works on gloo, which has no reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x)
-        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
-        return torch.cat(out, dim=0)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        g = g.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g[ctx.rows[0]:ctx.rows[1]]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (world * B, ...) in rank order, differentiable; identity at world size 1."""
-    return _GatherWithGrad.apply(x) if sdist.get_world_size() > 1 else x
+from ..losses import nt_xent
+from .base import SSLMethod
 
 
 @torch.no_grad()
@@ -71,14 +41,14 @@ def nt_xent_top1(z1: torch.Tensor, z2: torch.Tensor, chunk: int = 4096) -> torch
     return torch.tensor(100.0 * hits / m, device=z.device)
 
 
-class SimCLR(nn.Module):
+class SimCLR(SSLMethod):
     """SimCLR: a shared encoder, a projection head and NT-Xent over the global batch.
 
     Args:
         backbone: pooled-feature backbone with ``.num_features``.
         dim: projection output size (``--simclr-dim``, 128).
         hidden_dim: projection hidden size (``--simclr-hidden``; None = backbone width, 2048 for ResNet-50).
-        temperature: NT-Xent temperature (``--simclr-t``, 0.5 as in seed 003 / the paper's CIFAR runs;
+        temperature: NT-Xent temperature (``--simclr-t``, 0.5 as in the paper's CIFAR runs;
             0.1 for the paper's ImageNet runs).
     """
 
@@ -94,17 +64,14 @@ class SimCLR(nn.Module):
         hidden = hidden_dim or backbone.num_features
         self.encoder_q = Encoder(backbone, mlp(backbone.num_features, hidden, dim, num_layers=2, bn=True))
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
-
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """views: [x1, x2], each (B, 3, H, W). Returns the NT-Xent loss and the pretext top-1 (%)."""
         if len(views) != 2:
             raise ValueError(f"SimCLR takes exactly 2 views, got {len(views)}")
         b = views[0].shape[0]
-        z = self.encoder_q(torch.cat(views))  # one pass: BN statistics over both views, as in the paper
+        z, feat = self.encoder_q.embed(torch.cat(views))  # one pass: BN statistics over both views, as in the paper
         z = F.normalize(z.float(), dim=1)
-        z1, z2 = gather_with_grad(z[:b]), gather_with_grad(z[b:])  # (W B, dim) each
+        z1, z2 = sdist.all_gather_with_grad(z[:b]), sdist.all_gather_with_grad(z[b:])  # (W B, dim) each
         loss = nt_xent(z1, z2, self.temperature)
-        return {"loss": loss, "acc1": nt_xent_top1(z1.detach(), z2.detach())}
+        return {"loss": loss, "acc1": nt_xent_top1(z1.detach(), z2.detach()), "emb": [z[:b].detach(), z[b:].detach()],
+                "feat": feat[:b].detach()}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..heads import Encoder, mlp
 from ..losses import negative_cosine
+from .base import SSLMethod
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def normalized_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
-class SimSiam(nn.Module):
+class SimSiam(SSLMethod):
     """SimSiam: encoder + projector (``encoder_q``), predictor, stop-gradient on the target branch.
 
     Args:
@@ -60,15 +61,11 @@ class SimSiam(nn.Module):
         """The predictor's own optimiser group, held at the base lr (:func:`smallssl.optim.param_groups`)."""
         return [(list(self.predictor.parameters()), {"fixed_lr": True})] if self.fix_pred_lr else []
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
-
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """views: [x1, x2], each (B, 3, H, W). Returns the loss (in [-1, 1]) and ``std`` (collapse monitor)."""
         if len(views) != 2:
             raise ValueError(f"SimSiam takes exactly 2 views, got {len(views)}")
-        z1, z2 = self.encoder_q(views[0]), self.encoder_q(views[1])  # (B, dim) each
+        (z1, feat), z2 = self.encoder_q.embed(views[0]), self.encoder_q(views[1])  # (B, dim) each
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)  # stop-gradient inside
-        return {"loss": loss, "std": normalized_std(z1)}
+        return {"loss": loss, "std": normalized_std(z1), "emb": [z1.detach(), z2.detach()], "feat": feat.detach()}

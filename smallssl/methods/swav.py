@@ -1,17 +1,18 @@
 """SwAV: swapping assignments between views (Caron et al., NeurIPS 2020, arXiv:2006.09882), as trained by SEER.
 
-Per step, for ``V`` crops of a batch of B images (multi-crop, :mod:`smallssl.multicrop`; large crops first):
+Per step, for ``V`` crops of a batch of B images (multi-crop, :func:`smallssl.data.multicrop_transform`; large crops
+first):
 
 1. the backbone runs once per group of consecutive crops of equal size (BN statistics over that group, as in
    SwAV's ``MultiPrismaticNet``), the projection head and L2 normalisation give ``z`` (V B, dim);
 2. scores ``z C^T`` (V B, K) against K L2-normalised prototypes ``C`` (``nn.Linear(dim, K, bias=False)``);
 3. for each crop in ``crops_for_assign`` (the 2 large ones) the codes ``q`` are Sinkhorn-Knopp assignments of
-   its scores (``kernels.sinkhorn``: equal partition of the global batch over the prototypes, entropy
+   its scores (``losses.sinkhorn``: equal partition of the global batch over the prototypes, entropy
    ``epsilon``, ``n_iters`` iterations; no gradient), optionally with a queue of earlier embeddings prepended;
 4. swapped prediction (:func:`smallssl.losses.swav_loss`): ``q`` of crop s is predicted by the softmax of
    ``scores / T`` of every other crop.
 
-Trainer hooks (``main_moco.py`` calls them when present):
+Hooks of the method contract (:mod:`smallssl.methods.base`) that SwAV uses:
 
 * ``set_epoch(epoch)``: the queue is filled from epoch ``queue_start_epoch`` on and used once full.
 * ``before_optimizer_step(step)``: for ``step < freeze_prototypes_iters`` the prototypes' gradient is dropped
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 
 from .. import dist as sdist
 from ..heads import Encoder
-from ..losses import swav_loss
+from ..losses import sinkhorn, swav_loss
+from .base import SSLMethod
 
 
 def swav_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, bn: bool = True) -> nn.Sequential:
@@ -59,7 +61,7 @@ def size_groups(views: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     return groups
 
 
-class SwAV(nn.Module):
+class SwAV(SSLMethod):
     """SwAV with multi-crop, Sinkhorn codes, optional queue and frozen-then-trained prototypes.
 
     Args:
@@ -106,11 +108,7 @@ class SwAV(nn.Module):
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))  # valid rows (<= queue_length)
         self.normalize_prototypes()
 
-    supports_fsdp = True  # main_moco --fsdp: no parameter is touched outside forward / optimizer / the hooks
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
+    supports_fsdp = True  # no parameter is touched outside forward / optimizer / the hooks
 
     # ------------------------------------------------------------------------------------- trainer hooks
     def check_batch(self, global_batch: int) -> None:
@@ -155,8 +153,6 @@ class SwAV(nn.Module):
     @torch.no_grad()
     def _codes(self, scores: torch.Tensor, z: torch.Tensor, i: int) -> torch.Tensor:
         """Sinkhorn codes (B, K) for one assigned crop: its scores (B, K) and embeddings z (B, dim)."""
-        import kernels
-
         b = scores.shape[0]
         s = scores.detach()
         if self.queue_in_use:
@@ -169,7 +165,7 @@ class SwAV(nn.Module):
             n = new.shape[0]
             self.queue[i, n:] = self.queue[i, :-n].clone()
             self.queue[i, :n] = new.to(self.queue.dtype)
-        return kernels.sinkhorn(s, self.epsilon, self.sinkhorn_iters)[-b:]
+        return sinkhorn(s, self.epsilon, self.sinkhorn_iters)[-b:]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """views: V crops (B, 3, H_v, W_v), large first. Returns the loss and ``queue_used`` (0 or 1)."""
@@ -186,4 +182,5 @@ class SwAV(nn.Module):
         if self.queue_in_use:
             self.queue_count.fill_(min(int(self.queue_count) + b * sdist.get_world_size(), self.queue_length))
         loss = swav_loss(list(scores.split(b)), codes, self.temperature, self.crops_for_assign)
-        return {"loss": loss, "queue_used": torch.tensor(used)}
+        emb = [z[c * b:(c + 1) * b].detach() for c in range(min(2, len(views)))]  # the large crops
+        return {"loss": loss, "queue_used": torch.tensor(used), "emb": emb}

@@ -1,4 +1,4 @@
-"""SwAV / SEER (issue 6): loss against a hand computation, Sinkhorn codes from the large crops only, frozen then
+"""SwAV / SEER: loss against a hand computation, Sinkhorn codes from the large crops only, frozen then
 trained and always normalised prototypes, the queue, multi-crop shapes, LARS groups, flags, 2-process gloo FSDP2
 through main_moco (sharded save -> resume -> identical weights), and SwAV / VISSL checkpoints as SEED teachers and
 in eval."""
@@ -14,16 +14,16 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import kernels
 import main_moco
+from kernels.sinkhorn import sinkhorn_reference
 from smallssl.backbones import create_backbone
+from smallssl.data import multicrop_transform
 from smallssl.losses import swav_loss
 from smallssl.methods import METHODS
 from smallssl.methods.swav import SwAV, size_groups
-from smallssl.data import multicrop_transform
 from smallssl.optim import build_optimizer, param_groups
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Pool(nn.Module):
@@ -85,7 +85,7 @@ def test_forward_codes_from_large_crops_one_backbone_call_per_size():
         feats = torch.cat([m.backbone.fc(x.mean((2, 3))) for x in v])
         z = nn.functional.normalize(m.encoder_q.head(feats), dim=1)
         scores = (z @ m.prototypes.weight.T).split(4)
-        codes = [kernels.sinkhorn_reference(scores[c], 0.05, 3) for c in (0, 1)]
+        codes = [sinkhorn_reference(scores[c], 0.05, 3) for c in (0, 1)]
         expect = swav_loss(list(scores), codes, 0.1)
     torch.testing.assert_close(out["loss"].detach(), expect, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="crops_for_assign"):
@@ -139,7 +139,7 @@ def test_queue_fills_from_its_epoch_and_is_used_once_full():
     with torch.no_grad():
         z = m.embed(v)
         s_b = z[:4] @ m.prototypes.weight.T
-        expect = kernels.sinkhorn_reference(torch.cat([q0 @ m.prototypes.weight.T, s_b]), m.epsilon, 3)[-4:]
+        expect = sinkhorn_reference(torch.cat([q0 @ m.prototypes.weight.T, s_b]), m.epsilon, 3)[-4:]
         got = m._codes(s_b, z[:4], 0)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
 
@@ -212,8 +212,8 @@ def _train(data, ckpt_dir, *extra):
 def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
     import torch.distributed as dist
 
-    from conftest import make_image_folder
     from smallssl.checkpoints.sharded import dcp_to_consolidated
+    from tests.conftest import make_image_folder
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -267,8 +267,8 @@ def _swav_and_vissl_checkpoints(tmp_path):
 
 def test_swav_and_vissl_checkpoints_load_as_seed_teacher_and_in_eval(tmp_path):
     from eval.features import build_model
-    from smallssl.convert import main as convert
     from smallssl.checkpoints.teacher import build_teacher
+    from smallssl.convert import main as convert
     from smallssl.methods.seed import SEED
 
     m, swav_path, vissl_path = _swav_and_vissl_checkpoints(tmp_path)

@@ -101,7 +101,8 @@ def test_shuffle_bn_emulation_uses_sub_batch_statistics():
     torch.testing.assert_close(perm_keys, expected)
 
 
-def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_keys():
+def test_symmetric_loss_is_the_sum_of_both_directions_and_enqueues_both_keys():
+    """MoCo's CIFAR-10 demo: loss = loss_12 + loss_21 (a sum), k = cat([k1, k2]) enqueued."""
     torch.manual_seed(0)
     model = MoCo(create_backbone("resnet18", small_input=True), dim=4, K=8, m=0.0, T=0.2, mlp="v2",
                  shuffle_bn_splits=1, symmetric=True)
@@ -111,9 +112,19 @@ def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_keys():
     out = model([x1, x2])
     with torch.no_grad():  # m = 0: after the update the key encoder equals the query encoder
         z1, z2 = (F.normalize(model.encoder_q(x), dim=1) for x in (x1, x2))
-    ref = 0.5 * (info_nce(z1, z2, queue, 0.2) + info_nce(z2, z1, queue, 0.2))
+    ref = info_nce(z1, z2, queue, 0.2) + info_nce(z2, z1, queue, 0.2)
     assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
     assert int(model.queue_ptr) == 4  # 2 keys of each view
-    torch.testing.assert_close(model.queue[:4], torch.cat([z2, z1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.queue[:4], torch.cat([z1, z2]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="--moco-k 8 is not a multiple of the global batch size 16"):
         model.check_batch(8)
+
+
+def test_info_nce_by_hand_for_the_symmetric_sum():
+    # one query per direction, dim 2, queue of one negative n = (0, 1), T = 0.5:
+    # q1 = k1 = (1, 0): logits (1, 0) / 0.5 = (2, 0): loss_12 = log(1 + e^-2)
+    # q2 = (0, 1), k = (1, 0): logits (0, 1) / 0.5 = (0, 2): loss_21 = log(1 + e^2)
+    # symmetric loss = log(1 + e^-2) + log(1 + e^2) = 2.2538...; the mean would be half of that
+    e1, e2, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])
+    total = info_nce(e1, e1, n, 0.5) + info_nce(e2, e1, n, 0.5)
+    assert total.item() == pytest.approx(math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2)), rel=1e-6)
