@@ -9,6 +9,8 @@ Subcommands (``SUBCOMMANDS``; add one with :func:`register_subcommand`)::
     dcp2consolidated    torch.distributed.checkpoint directory (FSDP2 sharded) -> one file
     dcp2sliced          torch.distributed.checkpoint directory -> sliced, one tensor in memory at a time
     seed2moco           SEED checkpoint -> MoCo (student -> encoder_q, teacher dropped, --keep-queue)
+    export              any smallssl checkpoint (also older files) -> --to moco|sslsmall|seed|swav|timm|torchvision
+    onnx                a checkpoint's backbone -> ONNX (pooled features, dynamic batch), checked with onnxruntime
 
 Examples::
 
@@ -30,6 +32,7 @@ import torch
 from .checkpoints.io import atomic_save, load_checkpoint_file
 from .checkpoints.report import state_dict_of
 from .checkpoints.sliced import SLICE_LIST, consolidated_to_sliced, sliced_to_consolidated
+from .errors import run_cli
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
@@ -85,7 +88,8 @@ def _check_arch(arch: str | None, source, rename) -> None:
                             if not n.endswith("num_batches_tracked"))
     print(f"=> --arch {arch}: " + report.summary().lstrip("=> "))
     if report.missing or report.mismatched:
-        raise SystemExit(f"checkpoint does not fit --arch {arch}")
+        raise ValueError(f"checkpoint does not fit --arch {arch}: check -a against the architecture it was "
+                         "trained with")
 
 
 def _vissl_args(p: argparse.ArgumentParser) -> None:
@@ -117,7 +121,8 @@ def _vissl2smallssl(args: argparse.Namespace) -> None:
 
 def _to_vissl_args(p: argparse.ArgumentParser) -> None:
     _io(p)
-    p.add_argument("--layout", default="regnet", choices=["regnet", "regnet_fsdp"])
+    p.add_argument("--layout", default="regnet", choices=["regnet", "regnet_fsdp", "resnet"],
+                   help="VISSL trunk: RegNet (SEER), RegNet with FSDP groups (SEER 10B), or ResNe(X)t (model zoo)")
     p.add_argument("--prefix", default=None, help="prefix of the RegNet keys in the input (default: found)")
     p.add_argument("--stage-checkpoints", default="", help="regnet_fsdp groups, e.g. '2;7;9,17;' (SEER 10B)")
 
@@ -128,12 +133,17 @@ def _smallssl2vissl(args: argparse.Namespace) -> None:
 
     state = state_dict_of(load_checkpoint_file(args.input))
     prefix = args.prefix
+    first = "conv1.weight" if args.layout == "resnet" else "stem.conv.weight"
     if prefix is None:
-        cands = sorted({k[:k.index("stem.conv.weight")] for k in state if k.endswith("stem.conv.weight")}, key=len)
+        cands = sorted({k[:k.index(first)] for k in state if k.endswith(first) and "teacher." not in k
+                        and "encoder_k." not in k}, key=len)
         if not cands:
-            raise SystemExit(f"{args.input}: no RegNet (stem.conv.weight) found")
+            raise ValueError(f"{args.input}: no {'ResNet' if args.layout == 'resnet' else 'RegNet'} ({first}) found")
         prefix = next((c for c in cands if "encoder_q" in c or "student" in c), cands[0])
-    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    head_roots = ("fc.", "head.", "projection_head.", "prototypes.")  # a MoCo / SwAV head is not trunk
+    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
+             and not k[len(prefix):].startswith(head_roots)
+             and k[len(prefix):] not in ("queue", "queue_ptr", "queue_count")}
     stages = [[int(x) for x in s.split(",") if x] for s in args.stage_checkpoints.split(";")] \
         if args.stage_checkpoints else None
     save_vissl_checkpoint(args.output, trunk, layout=args.layout, stage_checkpoints=stages)
@@ -191,6 +201,59 @@ def _seed2moco(args: argparse.Namespace) -> None:
     distill_ckpt2moco_ckpt(args.input, args.output, keep_queue=args.keep_queue)
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from .checkpoints.export import EXPORT_TARGETS
+
+    _io(p)
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS,
+                   help="layout of the output (moco = sslsmall: MoCo's main_lincls.py; timm / torchvision: the bare "
+                        "backbone state dict)")
+
+
+@register_subcommand("export", "smallssl checkpoint -> a peer's layout (MoCo, ssl-small, SEED, SwAV, timm, "
+                     "torchvision)", _export_args)
+def _export(args: argparse.Namespace) -> None:
+    from .checkpoints.export import export_checkpoint
+
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise ValueError(f"output {args.output!r} would overwrite the input: pass another OUTPUT")
+    out = export_checkpoint(load_checkpoint_file(args.input), args.to)
+    atomic_save(out, args.output)
+    n = len(out.get("state_dict", out))
+    print(f"=> wrote {args.output}: {n} tensors in the {args.to} layout")
+
+
+def _onnx_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="CKPT", help="any checkpoint load_backbone reads ('' = random init)")
+    p.add_argument("output", metavar="OUT.onnx")
+    p.add_argument("-a", "--arch", required=True, help="backbone architecture (as for training)")
+    p.add_argument("--image-size", default=224, type=int, help="input side of the exported graph (batch is dynamic)")
+    p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="CIFAR stem (default: as main_moco.py, on for --image-size <= 64)")
+    p.add_argument("--opset", default=17, type=int)
+    p.add_argument("--latency", action="store_true", help="also measure onnxruntime's CPU latency at batch 1")
+
+
+@register_subcommand("onnx", "a checkpoint's backbone (pooled features) -> ONNX, checked with onnxruntime",
+                     _onnx_args)
+def _onnx(args: argparse.Namespace) -> None:
+    from .backbones import check_arch, create_backbone, default_small_input
+    from .checkpoints.load import load_backbone
+    from .onnx_export import export_onnx, measure_latency
+
+    check_arch(args.arch)
+    small = default_small_input(args.image_size) if args.small_input is None else args.small_input
+    backbone = create_backbone(args.arch, small_input=small)
+    if args.input:
+        load_backbone(backbone, args.input, arch=args.arch)
+    info = export_onnx(backbone, args.output, args.image_size, opset=args.opset)
+    print(f"=> wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if args.latency:
+        lat = measure_latency(args.output, args.image_size, batch=1)
+        print(f"=> onnxruntime CPU latency, batch 1: median {lat['median']:.1f} ms, min {lat['min']:.1f} ms, "
+              f"p90 {lat['p90']:.1f} ms ({lat['img_per_s']:.1f} img/s)")
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m smallssl.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
@@ -207,4 +270,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -7,8 +7,16 @@ Layers (each imports only those above it): :mod:`.io` (names, atomic save, error
 (SEED -> MoCo conversion). ``python -m smallssl.convert`` is the command line over them.
 """
 
-from .io import (CKPT_PATTERN, CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
-                 list_checkpoints, load_checkpoint_file, save_checkpoint)
+from .io import (
+                 CKPT_PATTERN,
+                 CheckpointError,
+                 CheckpointMismatchError,
+                 atomic_save,
+                 latest_checkpoint,
+                 list_checkpoints,
+                 load_checkpoint_file,
+                 save_checkpoint,
+)
 from .load import BACKBONE_PREFIXES, is_vissl, load_backbone, restart_load
 from .report import LoadReport, find_prefix, load_state_with_report, state_dict_of
 from .resume import LAST_CKPT, SHARDED_LAST, SHARDED_PATTERN, resolve_resume, resume_exact, training_state

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,11 +23,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .. import dist as sdist
+from .dcp_read import EXTRA_KEY, MODEL_KEY, OPTIM_KEY, dcp_entries, load_entry
 from .io import CheckpointError, CheckpointMismatchError, atomic_save, sharded_epochs
 from .resume import SHARDED_LAST, _check_identity, all_rng_states, set_rng_state
 from .sliced import write_sliced
-
-MODEL_KEY, OPTIM_KEY, EXTRA_KEY = "model", "optimizer", "extra"
 
 
 def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
@@ -83,23 +81,10 @@ def _dcp_entries(ckpt_dir: str) -> tuple[dict, dict]:
     """``(tensor metadata by flat key, nested path by flat key)`` of a DCP checkpoint."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"sharded checkpoint {ckpt_dir!r} does not exist")
-    meta = dcp.FileSystemReader(ckpt_dir).read_metadata()
-    paths = dict(meta.planner_data or {})
-    return dict(meta.state_dict_metadata), paths
+    return dcp_entries(ckpt_dir)
 
 
-def _load_one(ckpt_dir: str, key: str, md: Any) -> Any:
-    """Read one entry of a DCP checkpoint (the full tensor, assembled from all shards) without a process group."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    if isinstance(md, TensorStorageMetadata):
-        holder = {key: torch.empty(md.size, dtype=md.properties.dtype)}
-    else:
-        holder = {key: None}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended (offline conversion)
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(holder, checkpoint_id=ckpt_dir, no_dist=True)
-    return holder[key]
+_load_one = load_entry  # one full tensor (all shards) without a process group
 
 
 def iter_dcp(ckpt_dir: str):

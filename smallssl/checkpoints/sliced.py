@@ -1,20 +1,20 @@
 """Sliced checkpoints: one file per tensor plus an index, loadable one tensor at a time.
 
-VISSL's idea for the SEER 10B model (seed 001): a consolidated 10B checkpoint (~36 GB) cannot be loaded and
+VISSL's idea for the SEER 10B model (Goyal et al. 2021): a consolidated 10B checkpoint (~36 GB) cannot be loaded and
 then copied into a model without holding it twice, so it is split into one file per parameter. A model built on
 the meta device (or sharded with FSDP) is then filled tensor by tensor, and only one tensor is ever read at once.
 
 Format (compatible with VISSL's ``SlicedCheckpointLoader``, so either side can read the other's files)::
 
-    index.torch:   the checkpoint's nested dict with every tensor replaced by the path of its slice file,
-                   relative to the index's directory, plus
+    index.torch:   the checkpoint's nested dict with every tensor replaced by the absolute path of its slice
+                   file (as VISSL writes it; a relative path is read relative to the index), plus
                    "type": "slice_list",
                    "slice_meta": {"<key path>": {"shape": [...], "dtype": "torch.float32"}}
     index_layers/<sha1(key path)>.torch:  {"type": "slice", "weight": tensor}
 
 Key paths join the nested keys with "/" (``"state_dict/module.encoder_q.backbone.stem.conv.weight"``,
-``"classy_state_dict/base_model/model/trunk/_feature_blocks.conv1.stem.0.weight"``). VISSL writes absolute paths
-and no ``slice_meta``; such indexes are read too (their slices are the string leaves of ``trunk`` / ``heads``).
+``"classy_state_dict/base_model/model/trunk/_feature_blocks.conv1.stem.0.weight"``). VISSL writes no
+``slice_meta``; such indexes are read too (their slices are the string leaves of ``trunk`` / ``heads``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .io import CheckpointError, CheckpointMismatchError, atomic_save
 from .report import LoadReport
+
 # CheckpointError, CheckpointMismatchError, LoadReport, atomic_save
 
 SLICE_LIST, SLICE, CONSOLIDATED = "slice_list", "slice", "consolidated"
@@ -80,7 +81,9 @@ def write_sliced(ckpt: Mapping, index_path: str, drop_keys: tuple[str, ...] = ("
             key = _key(path)
             name = hashlib.sha1(key.encode()).hexdigest() + ".torch"
             atomic_save({"type": SLICE, "weight": value.detach().contiguous()}, os.path.join(folder, name))
-            set_path(index, path, os.path.join(os.path.basename(folder), name))
+            # Absolute, as VISSL writes them: VISSL's loader opens the path as stored, from any working directory
+            # (smallssl's reader also finds the slices after the index and its folder moved together).
+            set_path(index, path, os.path.abspath(os.path.join(folder, name)))
             meta[key] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         else:
             set_path(index, path, value)

@@ -27,9 +27,9 @@ import torch.nn as nn
 from ..backbones import create_backbone, default_small_input
 from ..heads import Encoder
 from . import vissl
-from .io import CheckpointMismatchError, load_checkpoint_file
-from .load import BACKBONE_PREFIXES, is_vissl
-from .report import LoadReport, load_state_with_report, state_dict_of
+from .io import CheckpointMismatchError
+from .load import BACKBONE_PREFIXES, is_vissl, open_checkpoint, other_network_hint
+from .report import OTHER_NETWORKS, LoadReport, load_state_with_report, state_dict_of
 
 TEACHER_PROJ = ("auto", "head", "none", "random")
 
@@ -69,9 +69,8 @@ def head_from_state(state: Mapping[str, torch.Tensor]) -> nn.Module:
     present and ``ReLU`` at every index without tensors (MoCo v2 ``fc.0/fc.2``, ssl-small ``wide``, SwAV
     ``projection_head.0/1/3``, smallssl heads). Raises ``ValueError`` for other layouts.
     """
-    if "weight" in state and state["weight"].ndim == 2:
-        lin = nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)
-        return nn.Sequential(lin)
+    if "weight" in state and state["weight"].ndim == 2:  # keys stay "weight" / "bias"
+        return nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
         m = re.match(r"^(\d+)\.(.+)$", k)
@@ -106,22 +105,31 @@ def _head_prefixes(backbone_prefix: str) -> list[str]:
     return [backbone_prefix + "projection_head."]
 
 
-def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool = True, source: str | None = None
-                 ) -> tuple[dict[str, torch.Tensor] | None, list[LoadReport]]:
+TEACHER_HINT = ("Check --teacher-arch and the teacher's stem against the network the teacher checkpoint holds: "
+                "--teacher-small-input for a CIFAR (3x3 stride-1) stem, --no-teacher-small-input for an ImageNet one.")
+
+
+def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool = True, source: str | None = None,
+                 hint: str = TEACHER_HINT) -> tuple[dict[str, torch.Tensor] | None, list[LoadReport]]:
     """Load a teacher backbone (strictly) from any supported layout; return (head tensors or None, reports).
 
     The head tensors have keys relative to the head (``0.weight``); None when the checkpoint has no
     projection head (torchvision / timm state dicts). Each load prints its :class:`LoadReport` summary.
     """
-    source = source or (path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>")
-    ckpt = load_checkpoint_file(path_or_ckpt) if isinstance(path_or_ckpt, str) else dict(path_or_ckpt)
+    opened, ckpt = open_checkpoint(path_or_ckpt)
+    source = source or opened
     if is_vissl(ckpt):
-        report = vissl.load_vissl_trunk(backbone, path_or_ckpt, strict=True, verbose=verbose)
-        _, heads, _ = vissl.open_vissl(path_or_ckpt)
+        where = path_or_ckpt if not isinstance(path_or_ckpt, Mapping) else ckpt
+        report = vissl.load_vissl_trunk(backbone, where, strict=True, verbose=verbose)
+        _, heads, _ = vissl.open_vissl(where)
         head = _first_head(dict(heads), ["0.projection_head.", "projection_head."])
         return head, [report]
     state = state_dict_of(ckpt)
-    report = load_state_with_report(backbone, state, source=source, strict=True, prefer=BACKBONE_PREFIXES)
+    try:
+        report = load_state_with_report(backbone, state, source=source, strict=True, prefer=BACKBONE_PREFIXES,
+                                        exclude=OTHER_NETWORKS, hint=hint)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{e}{other_network_hint(backbone, state)}") from None
     report.source = source + " [teacher backbone]"
     if verbose:
         print(report.summary())
@@ -131,7 +139,7 @@ def load_teacher(backbone: nn.Module, path_or_ckpt: str | Mapping, verbose: bool
 
 def _first_head(state: Mapping[str, torch.Tensor], prefixes: list[str]) -> dict[str, torch.Tensor] | None:
     for p in prefixes:
-        sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        sub = {k[len(p):]: state[k] for k in state if k.startswith(p)}  # reads only the head (lazy files)
         if sub:
             return sub
     return None
@@ -147,10 +155,11 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool | Non
     """
     if proj not in TEACHER_PROJ:
         raise ValueError(f"unknown teacher projection {proj!r}; choose one of {', '.join(TEACHER_PROJ)}")
-    if isinstance(ckpt, str):
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"--teacher-ckpt {ckpt!r}: no such file")
-        loaded = load_checkpoint_file(ckpt)
+    if isinstance(ckpt, (str, os.PathLike)):
+        ckpt = os.fspath(ckpt)
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"--teacher-ckpt {ckpt!r}: no such file or sharded checkpoint directory")
+        _, loaded = open_checkpoint(ckpt)
     else:
         loaded = ckpt
     arch = arch or loaded.get("arch")
@@ -159,10 +168,10 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool | Non
     if small_input is None:
         small_input = _trained_small_input(loaded, default_small_input)
     backbone = create_backbone(arch, small_input=small_input)
-    # A VISSL sliced index must be read from its path; everything else from the loaded dict.
+    # A VISSL sliced index must be read from its path; everything else from the opened dict.
     source = ckpt if isinstance(ckpt, str) else "<dict>"
-    head_state, reports = load_teacher(backbone, ckpt if is_vissl(loaded) else loaded, verbose=verbose,
-                                       source=source)
+    head_state, reports = load_teacher(backbone, ckpt if is_vissl(loaded) and isinstance(ckpt, str) else loaded,
+                                       verbose=verbose, source=source)
     if proj == "head" and head_state is None:
         raise CheckpointMismatchError("--teacher-proj head: the teacher checkpoint has no projection head "
                                       f"(choices: {', '.join(TEACHER_PROJ)})")
@@ -171,6 +180,7 @@ def build_teacher(arch: str | None, ckpt: str | Mapping, small_input: bool | Non
         why = f"fixed random projection {backbone.num_features} -> {dim} (seed {seed})"
     elif proj in ("auto", "head") and head_state is not None:
         head = head_from_state(head_state)
+        head_state = dict(head_state.items())  # a few small tensors (read once, also from lazy files)
         rep = load_state_with_report(head, head_state, source=f"{source} [teacher head]", prefix="", strict=True)
         if verbose:
             print(rep.summary())

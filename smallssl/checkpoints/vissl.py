@@ -1,6 +1,6 @@
 """VISSL / SEER checkpoints <-> smallssl RegNet: key mapping, import with a report, export for round trips.
 
-The published SEER checkpoints (seed 001) use VISSL's layout::
+The published SEER checkpoints (Goyal et al. 2021) use VISSL's layout::
 
     {"type": "consolidated" | "slice_list" (absent in older files),
      "classy_state_dict": {"base_model": {"model": {"trunk": {...}, "heads": {...}}}}, ...}
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ from .sliced import CONSOLIDATED, SLICE_LIST, LazyStateDict, SlicedCheckpoint, l
 
 TRUNK_PATH = ("classy_state_dict", "base_model", "model", "trunk")
 HEADS_PATH = ("classy_state_dict", "base_model", "model", "heads")
-LAYOUTS = ("regnet", "regnet_fsdp")
+LAYOUTS = ("regnet", "regnet_fsdp", "resnet")
 
 _WRAPPER_TOKENS = {"_fsdp_wrapped_module", "_fpw_module", "_checkpoint_wrapped_module"}
 _STEM_RE = re.compile(r"^_feature_blocks\.conv1\.stem\.([01])\.(.+)$")
@@ -76,6 +76,22 @@ def vissl_to_smallssl_key(key: str) -> str | None:
     return None
 
 
+def vissl_resnet_key(key: str) -> str | None:
+    """torchvision name of a VISSL ResNe(X)t trunk key (model zoo: ``_feature_blocks.layer1.0.conv1.weight``)."""
+    key = _clean(key)
+    return key[len("_feature_blocks."):] if key.startswith("_feature_blocks.") else None
+
+
+def trunk_rename(model: nn.Module, keys) -> tuple[str, Callable[[str], str | None]]:
+    """``(name, rename)`` of the trunk layout (``regnet`` or ``resnet``) under which most model tensors are found."""
+    target = set(model.state_dict().keys())
+    keys = list(keys)
+    scored = [(sum(1 for k in keys if rename(k) in target), name, rename)
+              for name, rename in (("regnet", vissl_to_smallssl_key), ("resnet", vissl_resnet_key))]
+    _, name, rename = max(scored, key=lambda t: t[0])
+    return name, rename
+
+
 def smallssl_to_vissl_key(key: str, layout: str = "regnet",
                           stage_checkpoints: Sequence[Sequence[int]] | None = None) -> str:
     """VISSL trunk key of a smallssl RegNet tensor name (inverse of :func:`vissl_to_smallssl_key`).
@@ -85,6 +101,8 @@ def smallssl_to_vissl_key(key: str, layout: str = "regnet",
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VISSL layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "resnet":  # VISSL's ResNe(X)t trunk keeps torchvision's names under _feature_blocks.
+        return "_feature_blocks." + key
     if key.startswith("stem.conv."):
         return "_feature_blocks.conv1.stem.0." + key[len("stem.conv."):]
     if key.startswith("stem.bn."):
@@ -148,7 +166,8 @@ def open_vissl(path_or_ckpt: str | Mapping) -> tuple[Mapping[str, torch.Tensor],
 
 def load_vissl_trunk(model: nn.Module, path_or_ckpt: str | Mapping, strict: bool = True,
                      device: torch.device | str | None = None, verbose: bool = True) -> LoadReport:
-    """Load a VISSL / SEER RegNet trunk into a smallssl :class:`~smallssl.backbones.regnet.RegNet`.
+    """Load a VISSL / SEER trunk: RegNet into a smallssl :class:`~smallssl.backbones.regnet.RegNet`, or a
+    model-zoo ResNet (``_feature_blocks.`` + torchvision names) into a torchvision ResNet backbone.
 
     Works for consolidated and sliced checkpoints and for models built on the meta device (tensors are
     materialised on ``device``, one at a time). Head tensors are listed as unused (``heads.*``). ``strict``
@@ -156,8 +175,8 @@ def load_vissl_trunk(model: nn.Module, path_or_ckpt: str | Mapping, strict: bool
     another shape (e.g. the wrong ``regnety_*`` config).
     """
     trunk, heads, source = open_vissl(path_or_ckpt)
-    report = load_tensors(model, trunk, source_name=source, strict=strict, device=device,
-                          rename=vissl_to_smallssl_key)
+    _, rename = trunk_rename(model, trunk.keys())
+    report = load_tensors(model, trunk, source_name=source, strict=strict, device=device, rename=rename)
     report.unexpected += [f"heads.{k}" for k in heads]
     if verbose:
         print(report.summary())
@@ -180,11 +199,21 @@ def save_vissl_checkpoint(path: str, trunk_state: Mapping[str, torch.Tensor],
     return path
 
 
+def _rename_for(keys) -> Callable[[str], str | None]:
+    """The trunk rename (RegNet or ResNet model zoo) that maps most of ``keys``, without a model."""
+    keys = list(keys)
+    regnet = sum(1 for k in keys if vissl_to_smallssl_key(k) is not None)
+    return vissl_to_smallssl_key if regnet >= sum(1 for k in keys if vissl_resnet_key(k) is not None) / 2 \
+        else vissl_resnet_key
+
+
 def vissl_to_smallssl_state(trunk: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``({smallssl name: tensor}, [unmapped VISSL keys])``; tensors are read one by one from lazy sources."""
+    """``({smallssl name: tensor}, [unmapped VISSL keys])``; tensors are read one by one from lazy sources.
+    RegNet trunks get smallssl's RegNet names, ResNe(X)t trunks torchvision's."""
     out, unmapped = {}, []
+    rename = _rename_for(trunk.keys())
     for k in trunk:
-        m = vissl_to_smallssl_key(k)
+        m = rename(k)
         if m is None:
             unmapped.append(k)
         else:
@@ -203,7 +232,7 @@ def rename_sliced(index_in: str, index_out: str) -> str:
         raise ValueError(f"{index_in!r} is not a sliced checkpoint (use vissl_to_smallssl_state for consolidated)")
     out_dir = os.path.dirname(os.path.abspath(index_out))
     index: dict = {"type": SLICE_LIST, "state_dict": {}, "vissl_heads": {}, "slice_meta": {}}
-    for section, src, rename in (("state_dict", trunk, vissl_to_smallssl_key), ("vissl_heads", heads, lambda k: k)):
+    for section, src, rename in (("state_dict", trunk, _rename_for(trunk.keys())), ("vissl_heads", heads, lambda k: k)):
         for k in src:
             name = rename(k)
             if name is None:

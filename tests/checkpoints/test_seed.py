@@ -13,16 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from kernels.seed_distill import seed_distill_reference
 from smallssl.backbones import create_backbone
 from smallssl.checkpoints import CheckpointError, atomic_save, restart_load
 from smallssl.checkpoints.seed2moco import converted_path, distill_ckpt2moco_ckpt
-from smallssl.heads import Encoder, build_head
-from smallssl.losses import info_nce, seed_distill, seed_distill_reference, soft_cross_entropy
-from smallssl.methods import METHODS
 from smallssl.checkpoints.teacher import RandomProjection, build_teacher, head_from_state
+from smallssl.heads import Encoder, build_head
+from smallssl.losses import info_nce, seed_distill, soft_cross_entropy
+from smallssl.methods import METHODS
 from smallssl.methods.seed import SEED
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)
@@ -216,7 +217,7 @@ def test_teacher_from_swav_and_smallssl_layouts():
     t2 = build_teacher("resnet18", {"state_dict": ours}, verbose=False)
     with torch.no_grad():
         assert torch.allclose(t2.head(x), head(x), atol=1e-5)
-    assert isinstance(head_from_state({"weight": torch.zeros(4, 8), "bias": torch.zeros(4)})[0], nn.Linear)
+    assert isinstance(head_from_state({"weight": torch.zeros(4, 8), "bias": torch.zeros(4)}), nn.Linear)  # v1 fc
 
 
 def test_teacher_from_vissl_layout():
@@ -242,14 +243,16 @@ def test_convert_smallssl_seed_checkpoint_round_trip(tmp_path):
     assert out == str(tmp_path / "converted_checkpoint_0003.pth.tar") == converted_path(path)
     ck = torch.load(out, weights_only=False)
     assert ck["method"] == "moco" and ck["epoch"] == 3 and "optimizer" not in ck
-    student = {k: v for k, v in state.items() if k.startswith("module.encoder_q.")}
-    assert set(ck["state_dict"]) == set(student)  # no teacher keys, no queue
+    # an earlier smallssl SEED file (encoder_q.backbone / head names) comes out in MoCo's own layout
+    student = {k.replace("backbone.", "").replace("head.", "fc."): v for k, v in state.items()
+               if k.startswith("module.encoder_q.")}
+    assert set(ck["state_dict"]) == set(student) and ck["layout"] == "moco"  # no teacher keys, no queue
     for k, v in student.items():
         assert torch.equal(ck["state_dict"][k], v)
     out_q = distill_ckpt2moco_ckpt(path, str(tmp_path / "q.pth.tar"), keep_queue=True)
     sd = torch.load(out_q, weights_only=False)["state_dict"]
     assert set(sd) == set(student) | {"module.queue", "module.queue_ptr"}
-    assert torch.equal(sd["module.queue"], method.queue)
+    assert torch.equal(sd["module.queue"], method.queue.T)  # (K, dim) rows -> MoCo's (dim, K)
     # MoCo --restart from the converted checkpoint: the student becomes the query and key encoders
     torch.manual_seed(1)
     moco = METHODS["moco"](Tiny(), dim=4, K=16, mlp="v2")

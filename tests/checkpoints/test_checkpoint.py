@@ -7,8 +7,15 @@ import torch
 import torchvision
 
 from smallssl.backbones import create_backbone
-from smallssl.checkpoints import (CheckpointError, CheckpointMismatchError, atomic_save, latest_checkpoint,
-                                 load_backbone, load_checkpoint_file, save_checkpoint)
+from smallssl.checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    atomic_save,
+    latest_checkpoint,
+    load_backbone,
+    load_checkpoint_file,
+    save_checkpoint,
+)
 
 
 def test_atomic_save_never_leaves_partial_file(tmp_path, monkeypatch):

@@ -8,10 +8,15 @@ import torch
 
 from smallssl.backbones import create_backbone
 from smallssl.checkpoints import CheckpointMismatchError, load_backbone
-from smallssl.convert import main as convert
 from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced, load_tensors, sliced_to_consolidated
-from smallssl.checkpoints.vissl import (load_vissl_trunk, save_vissl_checkpoint, smallssl_to_vissl_key,
-                                       to_vissl_checkpoint, vissl_to_smallssl_key)
+from smallssl.checkpoints.vissl import (
+    load_vissl_trunk,
+    save_vissl_checkpoint,
+    smallssl_to_vissl_key,
+    to_vissl_checkpoint,
+    vissl_to_smallssl_key,
+)
+from smallssl.convert import main as convert
 
 SEER10B_GROUPS = [[2], [7], [9, 17], []]  # VISSL regnet10B.yaml stage_checkpoints
 
@@ -183,7 +188,7 @@ def test_cli_vissl2smallssl_and_back(tmp_path, capsys):
     dst = _tiny(1)
     load_backbone(dst, str(tmp_path / "ours.pth.tar"), verbose=False)
     _assert_same_state(src, dst)
-    with pytest.raises(SystemExit):  # wrong --arch: shapes / names do not fit
+    with pytest.raises(ValueError, match="does not fit --arch"):  # wrong --arch: shapes / names do not fit
         convert(["vissl2smallssl", str(tmp_path / "seer.torch"), str(tmp_path / "x.pth.tar"),
                  "--arch", "regnety_400mf"])
     # sliced VISSL input -> sliced smallssl index sharing the slice files, loadable into a meta model
