@@ -9,36 +9,47 @@ accuracy (Caltech-101 is imbalanced: airplanes and motorbikes are ~28% of it).
 
 DATA: an ImageFolder root with ``train/`` and ``val/``; for cifar10 / cifar100 also torchvision's layout
 (``cifar-10-batches-py`` / ``cifar-100-python`` inside DATA); an empty or missing DATA with a named dataset
-unpacks ``../shared/data/<dataset>.tar.gz`` into the cache (:func:`smallssl.data.cache.prepare_dataset`).
+unpacks ``../shared/data/<dataset>.tar.gz`` into the cache (:func:`smallssl.data.cache.prepare_dataset`), and
+DATA may be the dataset name itself (``main_transfer.py cifar10``). Bad input ends with one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import sys
 
 import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-from eval.features import common_parser, model_from_args, split_features
-from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from eval import cli
 from eval.linear import Classifier, add_optim_args, linear_probe_features, train_classifier
 from smallssl.data.cache import prepare_dataset
+from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from smallssl.errors import run_cli
 
 DATASETS = ("cifar10", "cifar100", "caltech101", "folder")
+NAMED = DATASETS[:-1]
 
 
-def resolve_root(data: str, dataset: str) -> str:
-    """The directory holding the data of ``dataset`` (unpacked from the shared tarballs when needed)."""
+def resolve_root(data: str, dataset: str) -> tuple[str, str]:
+    """(directory holding the data, dataset name): DATA as a directory, or a dataset name unpacked from the
+    shared tarballs. A bare name as DATA (``main_transfer.py cifar10``) means ``--dataset cifar10``."""
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        raise ValueError(f"--dataset {dataset!r}: unknown dataset. Choose one of {', '.join(DATASETS)}")
     if data and os.path.isdir(data):
-        return data
-    if dataset == "folder":
-        raise ValueError(f"--dataset folder needs an ImageFolder root with train/ and val/, got {data!r}")
-    return prepare_dataset(dataset)
+        return data, dataset
+    if dataset == "folder" and data in NAMED:
+        dataset = data
+    if dataset != "folder":
+        return prepare_dataset(dataset), dataset
+    close = difflib.get_close_matches(data, NAMED, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"data {data!r}: no such directory and not a dataset name ({', '.join(NAMED)}). {hint}"
+                     "Pass an ImageFolder root with train/ and val/, or a dataset name")
 
 
 def build_datasets(root: str, dataset: str, train_tf, val_tf):
@@ -60,8 +71,8 @@ def build_datasets(root: str, dataset: str, train_tf, val_tf):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("main_transfer.py", parents=[common_parser()], add_help=add_help,
-                                description="linear probe / fine-tuning transfer with L2-normalised features")
+    p = cli.ArgumentParser("main_transfer.py", parents=[cli.common_parser()], add_help=add_help,
+                           description="linear probe / fine-tuning transfer with L2-normalised features")
     p.add_argument("--dataset", default="folder", choices=DATASETS)
     p.add_argument("--finetune", action="store_true", help="train the backbone too (in train mode)")
     add_optim_args(p, lr=None, epochs=100, schedule=[60, 80], wd=0.0)
@@ -74,39 +85,51 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
-    root = resolve_root(args.data, args.dataset)
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError(f"--lr {args.lr:g}: the learning rate must be > 0. Leave it out for the default "
+                         "(10 linear, 0.01 fine-tuning)")
+    root, dataset = resolve_root(args.data, args.dataset)
     probe_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else None
-    if args.image_size is None and probe_dir is None:
-        args.image_size = 32  # torchvision CIFAR layout
-    backbone, size = model_from_args(args, probe_dir or root)
+    image_size = args.image_size
+    if image_size is None and probe_dir is None:
+        image_size = 32  # torchvision CIFAR layout
+    em = cli.model_from_args(args, probe_dir or root, image_size)
+    size = em.image_size
     lr = args.lr if args.lr is not None else (0.01 if args.finetune else 10.0)
+    optim_kw = dict(epochs=args.epochs, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    schedule=tuple(args.schedule), cos=args.cos)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     torch.manual_seed(args.seed)
     if args.precompute and not args.finetune:
         if probe_dir is None:
-            raise ValueError("--precompute needs an ImageFolder tree (train/, val/)")
-        xtr, ytr = split_features(args, backbone, probe_dir, size)
-        xte, yte = split_features(args, backbone, os.path.join(root, "val"), size)
-        res = linear_probe_features(xtr, ytr, xte, yte, args.epochs, lr, args.batch_size, True, args.momentum,
-                                    args.weight_decay, tuple(args.schedule), args.cos, args.seed, log=print)
+            raise ValueError(f"--precompute: {root!r} is not an ImageFolder tree (train/, val/). Leave out "
+                             "--precompute or unpack the dataset as an ImageFolder")
+        xtr, ytr = cli.split_features(em, probe_dir)
+        xte, yte = cli.split_features(em, os.path.join(root, "val"))
+        res = linear_probe_features(xtr, ytr, xte, yte, batch_size=args.batch_size, normalize=True, seed=args.seed,
+                                    log=print, **optim_kw)
         aug = "precomputed features, no augmentation"
     else:
-        train, val, num_classes = build_datasets(root, args.dataset, train_tf, eval_transform(size))
-        model = Classifier(backbone, num_classes, normalize=True, frozen=not args.finetune).to(args.device)
+        train, val, num_classes = build_datasets(root, dataset, train_tf, eval_transform(size))
+        model = Classifier(em.model, num_classes, normalize=True, frozen=not args.finetune).to(em.device)
         g = torch.Generator().manual_seed(args.seed)
         tl = DataLoader(train, args.batch_size, shuffle=True, num_workers=args.workers, generator=g)
         vl = DataLoader(val, args.batch_size, num_workers=args.workers)
-        res = train_classifier(model, tl, vl, num_classes, args.epochs, lr, args.momentum, args.weight_decay,
-                               tuple(args.schedule), args.cos, args.device)
+        res = train_classifier(model, tl, vl, num_classes, device=em.device, **optim_kw)
         aug = "RandomResizedCrop+flip"
     mode = "finetune (backbone in train mode)" if args.finetune else "linear (frozen backbone, BN eval)"
     sched = "cos" if args.cos else f"steps{args.schedule}"
-    print(f"[transfer dataset={args.dataset} {mode} features=l2-normalised {aug} lr={lr:g} "
+    print(f"[transfer dataset={dataset} {mode} features=l2-normalised {aug} lr={lr:g} "
           f"wd={args.weight_decay:g} epochs={args.epochs} sched={sched} split=train->val] "
           f"top1={res['top1']:.2f}% mean-per-class={res['mean_per_class']:.2f}%")
     return res
 
 
+def cli_main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``argv`` and run :func:`main` (what ``python main_transfer.py`` does)."""
+    return main(get_args_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(cli_main))

@@ -10,9 +10,13 @@ where rank = 1 + #{j != i : q_i . q_j > q_i . k_i} (ties do not beat the positiv
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
+
+from eval import cli
+from smallssl.errors import run_cli
 
 MODES = ("d-sd", "sd-sd")
 
@@ -54,23 +58,20 @@ def select_views(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, mode: str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from eval.features import common_parser
-
-    p = argparse.ArgumentParser("python -m eval.instdisc", parents=[common_parser()],
-                                description="instance discrimination accuracy on a static augmented set")
-    p.add_argument("-s", "--sample-per-class", default=None, type=int,
+    p = cli.ArgumentParser("python -m eval.instdisc", parents=[cli.common_parser()],
+                           description="instance discrimination accuracy on a static augmented set")
+    p.add_argument("-s", "--sample-per-class", default=None, type=cli.positive_int,
                    help="use the first S images of each class (default: all)")
-    p.add_argument("--topk", default=5, type=int, help="report top-1 .. top-k accuracy")
+    p.add_argument("--topk", default=5, type=cli.positive_int, help="report top-1 .. top-k accuracy")
     p.add_argument("--mode", default="d-sd", choices=MODES)
     p.add_argument("--dataset-mode", default="normal", help="view set: normal, g-mask, avg-mask, ...")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.static_views import static_view_features
-
     args = get_args_parser().parse_args(argv)
-    r0, r1, r2, _ = static_view_features(args, args.dataset_mode)
+    em = cli.model_from_args(args, cli.static_set_dir(args.data))
+    r0, r1, r2, _ = cli.static_view_features(em, args.data, args.dataset_mode, args.sample_per_class)
     q, k = select_views(r0, r1, r2, args.mode)
     res = instdisc_accuracy(q, k, args.topk)
     accs = [round(res[f"top{m}"], 3) for m in range(1, args.topk + 1)]
@@ -81,4 +82,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""``python -m eval.knn --bench``: time the paper's best-NN (all odd k <= 101) on random features.
+"""``python -m eval.knn_bench``: time the paper's best-NN (all odd k <= 101) on random features.
 
 Default shape is CIFAR-10's: 50,000 train x 10,000 test, D=128, 10 classes, k <= 101, L2-normalised
 features (so Euclidean and cosine neighbours coincide). Implementations timed in the same run:
@@ -15,13 +15,15 @@ Every implementation must give the same best-NN (checked, printed).
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from eval import cli
 from eval.knn import best_nn
+from smallssl.errors import run_cli
 
 
 def _dino_style_chunk_votes(train_t: torch.Tensor, train_labels: torch.Tensor, feats: torch.Tensor, k: int,
@@ -82,14 +84,14 @@ def make_features(n_train: int, n_test: int, dim: int, num_classes: int, seed: i
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser("python -m eval.knn --bench")
-    p.add_argument("--n-train", type=int, default=50000)
-    p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("-k", "--k", type=int, default=101)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--baseline-queries", type=int, default=1000,
+    p = cli.ArgumentParser("python -m eval.knn_bench", description="time best-NN implementations on random features")
+    p.add_argument("--n-train", type=cli.positive_int, default=50000)
+    p.add_argument("--n-test", type=cli.positive_int, default=10000)
+    p.add_argument("--dim", type=cli.positive_int, default=128)
+    p.add_argument("--classes", type=cli.positive_int, default=10)
+    p.add_argument("-k", "--k", type=cli.positive_int, default=101)
+    p.add_argument("--threads", type=cli.positive_int, default=2)
+    p.add_argument("--baseline-queries", type=cli.positive_int, default=1000,
                    help="queries the per-k baseline runs on (time scaled to --n-test)")
     p.add_argument("--full-baseline", action="store_true", help="run the per-k baseline on every query")
     args = p.parse_args(argv)
@@ -137,4 +139,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

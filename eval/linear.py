@@ -11,12 +11,21 @@ says so).
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import sys
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets import ImageFolder
+
+from eval import cli
+from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from smallssl.errors import run_cli
+from smallssl.optim import lr_at
 
 
 class Classifier(nn.Module):
@@ -31,7 +40,7 @@ class Classifier(nn.Module):
         if frozen:
             self.backbone.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()  # frozen BN statistics, as in MoCo's linear protocol
@@ -41,13 +50,6 @@ class Classifier(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             f = self.backbone(x)
         return self.fc(F.normalize(f, dim=1) if self.normalize else f)
-
-
-def lr_at(epoch: int, lr: float, schedule: list[int], cos: bool, epochs: int) -> float:
-    """Step schedule (x0.1 at each milestone) or half-cosine over ``epochs``."""
-    if cos:
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return lr * 0.1 ** sum(epoch >= m for m in schedule)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -70,18 +72,22 @@ def evaluate(model: nn.Module, loader, num_classes: int, device) -> dict[str, fl
     return classification_metrics(torch.cat(logits), torch.cat(labels), num_classes)
 
 
-def train_classifier(model: nn.Module, train_loader, val_loader, num_classes: int, epochs: int = 100,
+def train_classifier(model: nn.Module, train_loader, val_loader, num_classes: int, *, epochs: int = 100,
                      lr: float = 30.0, momentum: float = 0.9, weight_decay: float = 0.0,
-                     schedule: tuple[int, ...] = (60, 80), cos: bool = False, device="cpu",
-                     log=print) -> dict[str, float]:
-    """SGD on the trainable parameters of ``model`` (the fc only when frozen); returns final val metrics."""
+                     schedule: tuple[int, ...] = (60, 80), cos: bool = False, device: torch.device | str = "cpu",
+                     log: Callable[[str], None] | None = print) -> dict[str, float]:
+    """SGD on the trainable parameters of ``model`` (the fc only when frozen); returns final val metrics.
+
+    Loaders yield (images (B, ...), labels (B,)); lr per epoch from :func:`smallssl.optim.lr_at` (steps x0.1 at
+    ``schedule`` or half-cosine).
+    """
     if epochs < 1 or lr <= 0:
         raise ValueError(f"epochs must be >= 1 and lr > 0, got {epochs}, {lr}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(epochs):
         for g in opt.param_groups:
-            g["lr"] = lr_at(epoch, lr, list(schedule), cos, epochs)
+            g["lr"] = lr_at(epoch, lr, epochs, cos=cos, schedule=schedule)
         model.train()
         total, n = 0.0, 0
         for x, y in train_loader:
@@ -95,10 +101,11 @@ def train_classifier(model: nn.Module, train_loader, val_loader, num_classes: in
     return evaluate(model, val_loader, num_classes, device)
 
 
-def linear_probe_features(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor,
+def linear_probe_features(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, *,
                           epochs: int = 100, lr: float = 30.0, batch_size: int = 256, normalize: bool = False,
                           momentum: float = 0.9, weight_decay: float = 0.0, schedule: tuple[int, ...] = (60, 80),
-                          cos: bool = False, seed: int = 0, log=None) -> dict[str, float]:
+                          cos: bool = False, seed: int = 0,
+                          log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Linear classifier on precomputed features: train (N, D), test (Q, D); returns top1/top5/mean_per_class."""
     torch.manual_seed(seed)
     num_classes = int(max(ytr.max(), yte.max())) + 1
@@ -108,13 +115,14 @@ def linear_probe_features(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tenso
     g = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(TensorDataset(xtr, ytr), batch_size=batch_size, shuffle=True, generator=g)
     val_loader = DataLoader(TensorDataset(xte, yte), batch_size=1024)
-    return train_classifier(model, train_loader, val_loader, num_classes, epochs, lr, momentum, weight_decay,
-                            schedule, cos, "cpu", log)
+    return train_classifier(model, train_loader, val_loader, num_classes, epochs=epochs, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, schedule=schedule, cos=cos, device="cpu", log=log)
 
 
-def add_optim_args(p: argparse.ArgumentParser, lr: float, epochs: int, schedule: list[int], wd: float) -> None:
+def add_optim_args(p: argparse.ArgumentParser, lr: float | None, epochs: int, schedule: list[int],
+                   wd: float) -> None:
     p.add_argument("--lr", "--learning-rate", default=lr, type=float)
-    p.add_argument("--epochs", default=epochs, type=int)
+    p.add_argument("--epochs", default=epochs, type=cli.positive_int)
     p.add_argument("--schedule", default=schedule, nargs="*", type=int, help="epochs where lr is multiplied by 0.1")
     p.add_argument("--cos", action="store_true", help="cosine schedule instead of steps")
     p.add_argument("--momentum", default=0.9, type=float)
@@ -122,10 +130,8 @@ def add_optim_args(p: argparse.ArgumentParser, lr: float, epochs: int, schedule:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from eval.features import common_parser
-
-    p = argparse.ArgumentParser("python -m eval.linear", parents=[common_parser()],
-                                description="MoCo linear protocol (frozen backbone)")
+    p = cli.ArgumentParser("python -m eval.linear", parents=[cli.common_parser()],
+                           description="MoCo linear protocol (frozen backbone)")
     add_optim_args(p, lr=30.0, epochs=100, schedule=[60, 80], wd=0.0)
     p.add_argument("--precompute", action="store_true",
                    help="train on features extracted once, without augmentation (fast; another protocol)")
@@ -133,37 +139,31 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    import os
-
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
-    from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-
-    from eval.features import model_from_args, resolve_data, split_dir, split_features
-
     args = get_args_parser().parse_args(argv)
-    root = resolve_data(args.data)
-    train_dir, val_dir = split_dir(root, "train"), split_dir(root, "val")
-    backbone, size = model_from_args(args, train_dir)
+    if args.lr <= 0:
+        raise ValueError(f"--lr {args.lr:g}: the learning rate must be > 0. MoCo's linear protocol uses 30")
+    root = cli.resolve_data(args.data)
+    train_dir, val_dir = cli.split_dir(root, "train"), cli.split_dir(root, "val")
+    em = cli.model_from_args(args, train_dir)
+    size = em.image_size
     num_classes = len([d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d))])
     sched = "cos" if args.cos else f"steps{args.schedule}"
+    optim_kw = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    schedule=tuple(args.schedule), cos=args.cos)
     if args.precompute:
-        xtr, ytr = split_features(args, backbone, train_dir, size)
-        xte, yte = split_features(args, backbone, val_dir, size)
-        res = linear_probe_features(xtr, ytr, xte, yte, args.epochs, args.lr, args.batch_size, False,
-                                    args.momentum, args.weight_decay, tuple(args.schedule), args.cos, args.seed,
-                                    log=print)
+        xtr, ytr = cli.split_features(em, train_dir)
+        xte, yte = cli.split_features(em, val_dir)
+        res = linear_probe_features(xtr, ytr, xte, yte, batch_size=args.batch_size, normalize=False, seed=args.seed,
+                                    log=print, **optim_kw)
         proto = "precomputed features, no augmentation"
     else:
         torch.manual_seed(args.seed)
-        model = Classifier(backbone, num_classes, normalize=False, frozen=True).to(args.device)
+        model = Classifier(em.model, num_classes, normalize=False, frozen=True).to(em.device)
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                               T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         tl = DataLoader(ImageFolder(train_dir, train_tf), args.batch_size, shuffle=True, num_workers=args.workers)
         vl = DataLoader(ImageFolder(val_dir, eval_transform(size)), args.batch_size, num_workers=args.workers)
-        res = train_classifier(model, tl, vl, num_classes, args.epochs, args.lr, args.momentum, args.weight_decay,
-                               tuple(args.schedule), args.cos, args.device)
+        res = train_classifier(model, tl, vl, num_classes, device=em.device, **optim_kw)
         proto = "RandomResizedCrop+flip"
     print(f"[linear protocol=moco frozen-bn {proto} lr={args.lr:g} wd={args.weight_decay:g} epochs={args.epochs} "
           f"sched={sched} split=train->val] top1={res['top1']:.2f}% top5={res['top5']:.2f}% "
@@ -172,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,7 +1,8 @@
 """Reader of the static augmented sets written by ``python -m experiments.sample-augs``.
 
-Layout (seed 004): ``DIR/<class>/<image>-0.jpeg`` is the original image, ``<image>-1.jpeg`` and
-``<image>-2.jpeg`` two augmented views (already cropped to the training resolution). Masked variants
+Layout (Shi et al. 2021, arXiv:2107.14762, ssl-small's static sets): ``DIR/<class>/<image>-0.jpeg`` is the
+original image, ``<image>-1.jpeg`` and ``<image>-2.jpeg`` two augmented views (already cropped to the training
+resolution). Masked variants
 (ssl-small's ``--dataset-mode``) use other view numbers, see :data:`VIEW_SETS`.
 """
 
@@ -71,14 +72,3 @@ class StaticViews(Dataset):
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
-
-
-def static_view_features(args, view_set: str):
-    """Build the model from the eval CLI ``args`` and embed every image of the static set ``args.data`` in
-    its three views: returns ``(original (N, D), view 1 (N, D), view 2 (N, D), labels (N,))``."""
-    from eval.features import extract_features, model_from_args
-
-    model, size = model_from_args(args, args.data)
-    dataset = StaticViews(args.data, size, view_set, args.sample_per_class)
-    print(f"=> iterating through the dataset ({len(dataset)} images, {len(dataset.classes)} classes)...")
-    return extract_features(model, dataset, args.batch_size, args.workers, args.device, views=3)

@@ -8,17 +8,22 @@ On L2-normalised features:
   always used t=2 whatever it was given; here ``t`` is honoured.
 * intra-class alignment = mean over classes of E_{i<j in class} ||x_i - x_j||^alpha.
 
-``python -m eval.stats-dist DIR -a ARCH --pretrained CKPT`` prints seed 004's six-column table for the
-original domain D (``-0`` images) and the shifted domain SD (augmented ``-1`` / ``-2`` views).
+``python -m eval.stats-dist DIR -a ARCH --pretrained CKPT`` prints the paper's six-column table (Shi et al.
+2021, as ssl-small prints it) for the original domain D (``-0`` images) and the shifted domain SD (augmented
+``-1`` / ``-2`` views).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
+
+from eval import cli
+from smallssl.errors import run_cli
 
 
 def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
@@ -72,7 +77,7 @@ def intra_class_alignment(x: torch.Tensor, labels: torch.Tensor, alpha: float = 
 
 def stats_dist(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0,
                t: float = 2.0, uniformity_samples: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Seed 004's six statistics from features of originals ``r0`` and views ``r1``, ``r2`` (N, D) each.
+    """The paper's six statistics from features of originals ``r0`` and views ``r1``, ``r2`` (N, D) each.
 
     Features are L2-normalised first. Keys: ``d_sd_align`` (r0 vs r1), ``sd_sd_align`` (r1 vs r2),
     ``d_cls_align`` (r0), ``sd_cls_align`` (r1), ``d_uniform`` (r0), ``sd_uniform`` (r1).
@@ -93,32 +98,29 @@ COLUMNS = [("D-SD align", "d_sd_align"), ("SD-SD align", "sd_sd_align"), ("D cls
 
 
 def format_table(res: dict[str, float]) -> str:
-    """The six-column table of seed 004 (15-character columns, 4 decimals)."""
+    """The paper's six-column table, as ssl-small prints it (15-character columns, 4 decimals)."""
     head = "".join(f"{name:<15}" for name, _ in COLUMNS)
     row = "".join(f"{res[key]:<15.4f}" for _, key in COLUMNS)
     return f"{head}\n{row}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from eval.features import common_parser
-
-    p = argparse.ArgumentParser("python -m eval.stats-dist", parents=[common_parser()],
-                                description="alignment / uniformity / intra-class alignment on a static set")
-    p.add_argument("-s", "--sample-per-class", default=None, type=int,
+    p = cli.ArgumentParser("python -m eval.stats-dist", parents=[cli.common_parser()],
+                           description="alignment / uniformity / intra-class alignment on a static set")
+    p.add_argument("-s", "--sample-per-class", default=None, type=cli.positive_int,
                    help="use the first S images of each class (default: all)")
     p.add_argument("--alpha", default=2.0, type=float, help="alignment exponent")
     p.add_argument("-t", "--t", default=2.0, type=float, help="uniformity temperature")
-    p.add_argument("--uniformity-samples", default=None, type=int,
+    p.add_argument("--uniformity-samples", default=None, type=cli.positive_int,
                    help="random subset for uniformity (default: all pairs)")
     p.add_argument("--mode", "--dataset-mode", dest="mode", default="normal", help="view set (normal, g-mask...)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.static_views import static_view_features
-
     args = get_args_parser().parse_args(argv)
-    r0, r1, r2, labels = static_view_features(args, args.mode)
+    em = cli.model_from_args(args, cli.static_set_dir(args.data))
+    r0, r1, r2, labels = cli.static_view_features(em, args.data, args.mode, args.sample_per_class)
     res = stats_dist(r0, r1, r2, labels, args.alpha, args.t, args.uniformity_samples, args.seed)
     print(f"[stats-dist features=l2-normalised alpha={args.alpha:g} t={args.t:g} "
           f"uniformity-pairs={'all' if args.uniformity_samples is None else args.uniformity_samples} "
@@ -129,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

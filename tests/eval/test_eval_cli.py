@@ -7,33 +7,12 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from eval import instdisc, knn, stats_dist
 from eval.features import build_model, eval_transform, extract_features
 from experiments.sample_augs import sample_augs
 from smallssl.checkpoints import CheckpointMismatchError
-
-COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
-
-
-def make_folder(root, per_class=4, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for c, rgb in enumerate(COLOURS):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            noise = torch.randint(-25, 25, (size, size, 3), generator=g)
-            arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(os.path.join(root, f"class{c}", f"img{i}.png"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_folder(str(root / "train"), 5, seed=0)
-    make_folder(str(root / "val"), 3, seed=1)
-    return str(root)
 
 
 def _features(model, folder, size=16):

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import main_transfer
 from eval.features import build_model, eval_transform, extract_features
-from eval.linear import Classifier, classification_metrics, linear_probe_features, lr_at, train_classifier
-from tests.test_eval_cli import make_folder
+from eval.linear import Classifier, classification_metrics, linear_probe_features, train_classifier
+from smallssl.optim import lr_at
 
 
 def test_classification_metrics_by_hand():
@@ -23,9 +23,11 @@ def test_classification_metrics_by_hand():
 
 
 def test_lr_schedules():
-    assert [lr_at(e, 30.0, [60, 80], False, 100) for e in (0, 59, 60, 80, 99)] == pytest.approx(
+    # eval.linear's schedule is smallssl.optim.lr_at (MoCo's steps x0.1, or half-cosine without warm-up).
+    assert [lr_at(e, 30.0, 100, cos=False, schedule=[60, 80]) for e in (0, 59, 60, 80, 99)] == pytest.approx(
         [30, 30, 3, 0.3, 0.3])
-    assert lr_at(0, 1.0, [], True, 10) == 1.0 and lr_at(5, 1.0, [], True, 10) == pytest.approx(0.5)
+    assert lr_at(0, 1.0, 10, cos=True, schedule=[]) == 1.0 and lr_at(5, 1.0, 10, cos=True, schedule=[]) == \
+        pytest.approx(0.5)
 
 
 def _blobs(n, seed):
@@ -73,7 +75,7 @@ def test_frozen_vs_finetune_backbone():
     assert not torch.equal(before, net2.conv1.weight)
 
 
-def test_main_transfer_precompute_equals_pure_function(tmp_path, capsys):
+def test_main_transfer_precompute_equals_pure_function(tmp_path, capsys, make_folder):
     root = str(tmp_path / "d")
     make_folder(os.path.join(root, "train"), 4, seed=0)
     make_folder(os.path.join(root, "val"), 2, seed=1)
@@ -87,13 +89,14 @@ def test_main_transfer_precompute_equals_pure_function(tmp_path, capsys):
 
     xtr, ytr = extract_features(net, ImageFolder(os.path.join(root, "train"), eval_transform(16)))
     xte, yte = extract_features(net, ImageFolder(os.path.join(root, "val"), eval_transform(16)))
-    ref = linear_probe_features(xtr, ytr, xte, yte, 3, 5.0, 8, True, seed=2)
+    ref = linear_probe_features(xtr, ytr, xte, yte, epochs=3, lr=5.0, batch_size=8, normalize=True, seed=2)
     assert res == pytest.approx(ref)
     ft = main_transfer.main(main_transfer.get_args_parser().parse_args(
         [root, "--dataset", "folder", "-a", "resnet18", "--epochs", "1", "--finetune", "-b", "6", "--no-cache"]))
     assert 0.0 <= ft["top1"] <= 100.0 and "finetune (backbone in train mode)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="cifar10"):
         main_transfer.resolve_root(root, "imagenet")
+    assert main_transfer.resolve_root(root, "folder") == (root, "folder")
 
 
 def test_tsne_separates_clusters_and_writes_png(tmp_path):
