@@ -7,8 +7,8 @@ setup(
     version="0.1.0",
     description="Contrastive self-supervised training, SEED distillation and evaluation of small vision models",
     python_requires=">=3.9",
-    packages=find_packages(include=["smallssl", "smallssl.*", "kernels", "kernels.*", "eval", "eval.*",
-                                    "experiments", "experiments.*"]),
+    # experiments/ runs from the repository root (python -m experiments.demo); it is not installed
+    packages=find_packages(include=["smallssl", "smallssl.*", "kernels", "kernels.*", "eval", "eval.*"]),
     py_modules=["main_moco", "main_transfer"],
     install_requires=[
         "torch>=2.4",
@@ -22,7 +22,9 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "ruff", "tensorboard", "onnx", "onnxruntime"],  # so CI exercises the optional paths
         "viz": ["scikit-learn", "matplotlib"],
+        "tb": ["tensorboard"],
+        "onnx": ["onnx", "onnxruntime"],
     },
 )

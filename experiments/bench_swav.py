@@ -18,11 +18,14 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
+
+from smallssl.errors import run_cli
 
 MODES = ("plain", "ac", "fsdp", "fsdp_ac")
 
@@ -39,7 +42,7 @@ def _worker(rank: int, world: int, cfg: dict, port: int, out: str) -> None:
     import torch.distributed as dist
 
     import main_moco
-    from smallssl.backbones import create_backbone
+    from smallssl.backbones import create_backbone, default_small_input
     from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
     from smallssl.optim import build_optimizer, param_groups
 
@@ -54,7 +57,7 @@ def _worker(rank: int, world: int, cfg: dict, port: int, out: str) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     args = main_moco.get_args_parser().parse_args(["unused", "--method", "swav", "-a", cfg["arch"], *cfg["extra"]])
     torch.manual_seed(0)
-    small = max(cfg["size_crops"]) <= 64
+    small = default_small_input(max(cfg["size_crops"]))
     method = main_moco.build_method(args, create_backbone(cfg["arch"], small_input=small)).to(dev)
     if cfg["mode"].endswith("ac"):
         enable_activation_checkpointing(method)
@@ -69,14 +72,10 @@ def _worker(rank: int, world: int, cfg: dict, port: int, out: str) -> None:
     method.train()
     rss_setup = _rss_mb()
 
-    def step(i: int) -> None:
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None and not fsdp):
-            loss = method(views)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(step=i)
-        opt.step()
-        method.after_step(step=i, total_steps=1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # SwAV trains in bf16 / fp32
+
+    def step(i: int) -> None:  # the trainer's own step (main_moco.train_step), hooks and all
+        main_moco.train_step(method, method, views, opt, scaler, i, 10**9, None if fsdp else amp)
 
     for i in range(cfg["warmup"]):
         step(i)
@@ -149,4 +148,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

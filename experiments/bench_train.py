@@ -10,12 +10,14 @@ Any flag of main_moco.py after ``--`` is passed through (e.g. ``-- --method simc
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 import main_moco
 from smallssl.backbones import create_backbone
+from smallssl.errors import run_cli
 from smallssl.optim import build_optimizer, param_groups
 
 
@@ -23,27 +25,24 @@ def bench(arch: str, batch_size: int, image_size: int, steps: int, warmup: int, 
           channels_last: bool, extra: list[str]) -> dict:
     args = main_moco.get_args_parser().parse_args(
         ["unused", "-a", arch, "--moco-k", str(max(4096 // batch_size, 1) * batch_size), *extra])
+    args.image_size = image_size
     dev = torch.device(device)
-    model = main_moco.build_method(args, create_backbone(
-        arch, small_input=image_size <= 64 if args.small_input is None else args.small_input))
-    model.to(dev)
+    model = main_moco.build_method(args, create_backbone(arch, small_input=main_moco.small_input(args)))
     mf = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model.to(memory_format=mf)
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     opt = build_optimizer("sgd", param_groups(model, 1e-4), lr=0.03)
-    views = [torch.randn(batch_size, 3, image_size, image_size, device=dev).contiguous(memory_format=mf)
-             for _ in range(2)]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    # the views the method trains on: two for the two-view methods, SwAV's multi-crop sizes for swav
+    sizes = main_moco.swav_size_crops(args) if args.method == "swav" else [image_size]
+    counts = args.nmb_crops if args.method == "swav" else [1 if args.method == "seed" else 2]
+    views = [torch.randn(batch_size, 3, s, s, device=dev).contiguous(memory_format=mf)
+             for s, n in zip(sizes, counts) for _ in range(n)]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     model.train()
+    it = iter(range(10**9))
 
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model(views)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if hasattr(model, "after_step"):
-            model.after_step(step=0, total_steps=1)
+    def step() -> None:  # the trainer's own step (main_moco.train_step), hooks and all
+        main_moco.train_step(model, model, views, opt, scaler, next(it), 10**9, amp_dtype)
 
     for _ in range(warmup):
         step()
@@ -86,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

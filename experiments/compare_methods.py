@@ -1,4 +1,4 @@
-"""Equal-budget comparison of the pretraining methods on CIFAR-10 (issue 8): kNN after training.
+"""Equal-budget comparison of the pretraining methods on CIFAR-10: kNN after training.
 
 Every method trains a ResNet-18 through ``main_moco.main`` with the same batch, learning-rate schedule
 shape (cosine to 0), weight decay and augmentation (MoCo v2 without blur, ``--batch-aug``); only the method
@@ -39,6 +39,8 @@ from eval.knn import dino_knn  # noqa: E402
 from experiments.bench_train import bench  # noqa: E402
 from smallssl.data.cache import default_cache_dir, prepare_dataset  # noqa: E402
 from smallssl.data.memdata import NormalizedImages, load_images  # noqa: E402
+from smallssl.diagnostics import collapse_value, is_collapsed_loss  # noqa: E402
+from smallssl.errors import run_cli  # noqa: E402
 
 # Method flags for a ResNet-18 on CIFAR (the papers' CIFAR settings where they give them; small projectors).
 METHOD_FLAGS: dict[str, list[str]] = {
@@ -49,7 +51,7 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "barlow": ["--barlow-proj", "2048-2048-2048", "--barlow-lambda", "5e-3"],
     # the `make demo` recipe (tuned for short CPU budgets: symmetric loss, small fresh queue, low lr)
     "moco-demo": ["--method", "moco", "--mlp", "--moco-dim", "128", "--moco-t", "0.2", "--moco-m", "0.9",
-                  "--moco-k", "512", "--moco-symmetric", "--lr", "0.02"],
+                  "--moco-k", "512", "--moco-symmetric", "--lr", "0.01", "--wd", "1e-3"],
 }
 AUG = ["--aug-plus", "--gaussian-blur", "0", "--batch-aug"]
 
@@ -153,13 +155,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   flush=True)
         argv_m = train_command(args, method, ckpt_dir, data, subset, epochs)
         t0 = time.time()
-        status = main_moco.main(main_moco.get_args_parser().parse_args(argv_m))
+        run_args = main_moco.get_args_parser().parse_args(argv_m)
+        status = main_moco.main(run_args)
         train_s = time.time() - t0
         ckpt = status["checkpoint"]
         step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
         t0 = time.time()
         res = knn_eval(args, sets, ckpt)
+        value = collapse_value(run_args.method, K=run_args.moco_k, batch_size=run_args.batch_size,
+                               dim=int(run_args.barlow_proj.split("-")[-1]))
         rows.append({"method": method, "train_s": train_s, "steps": step, "loss": status.get("loss"), **res,
+                     "collapse_loss": value, "collapsed": is_collapsed_loss(status.get("loss"), value),
                      "calibrated_s_per_step": per_step,
                      "eval_s": time.time() - t0, "command": "python main_moco.py " + " ".join(argv_m)})
         print(json.dumps(rows[-1]), flush=True)
@@ -169,9 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---|---|---|---|")
     for r in rows:
         loss = "-" if r["loss"] is None else f"{r['loss']:.4g}"
+        if r.get("collapsed"):  # within 2% of the loss every collapsed run reports (e.g. ln(K+1) for MoCo)
+            loss += f" **collapsed** (~{r['collapse_loss']:.4g})"
         print(f"| {r['method']} | {r['steps']} | {loss} | {r['train_s']:.0f} | {r['top1']:.2f} | {r['top5']:.2f} |")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -25,17 +25,13 @@ before the loop could save; a collective save there would hang.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import re
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,125 +40,9 @@ if str(REPO) not in sys.path:  # main_moco.py lives at the repository root
     sys.path.insert(0, str(REPO))
 
 import main_moco  # noqa: E402
+from experiments.sweep import SLURM_KEYS, Point, Sweep, SweepError, build_points, load_sweep, validate_argv  # noqa: E402
 from smallssl import preempt  # noqa: E402
-
-MANAGED_FLAGS = ("--ckpt-dir",)  # set per point by the launcher
-SLURM_KEYS = {"partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min", "mem_gb",
-              "signal_delay_s", "array_parallelism", "setup", "name", "max_num_timeout", "additional_parameters"}
-
-
-class SweepError(ValueError):
-    """A sweep file or one of its grid points is invalid (raised before anything is submitted)."""
-
-
-@dataclass
-class Sweep:
-    name: str
-    base: list[str]
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    slurm: dict[str, Any] = field(default_factory=dict)
-    output: str | None = None
-
-
-@dataclass
-class Point:
-    name: str
-    overrides: dict[str, Any]
-    argv: list[str]  # full main_moco argv, --ckpt-dir included
-    out_dir: str
-
-
-# --------------------------------------------------------------------------------------------- sweep files
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Execute a sweep file and read BASE, GRID, SLURM, OUTPUT from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} not found")
-    ns = runpy.run_path(str(path))
-    if "BASE" not in ns:
-        raise SweepError(f"{path}: a sweep file must define BASE (argv list for main_moco.py)")
-    base, grid, slurm = ns["BASE"], ns.get("GRID", {}), ns.get("SLURM", {})
-    if not isinstance(base, (list, tuple)) or not all(isinstance(a, str) for a in base):
-        raise SweepError(f"{path}: BASE must be a list of strings, got {base!r}")
-    if not isinstance(grid, dict):
-        raise SweepError(f"{path}: GRID must be a dict flag -> list of values, got {type(grid).__name__}")
-    if not isinstance(slurm, dict):
-        raise SweepError(f"{path}: SLURM must be a dict, got {type(slurm).__name__}")
-    return Sweep(name=path.stem, base=list(base), grid=dict(grid), slurm=dict(slurm), output=ns.get("OUTPUT"))
-
-
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of the grid, in GRID order (the last flag varies fastest); ``{}`` -> ``[{}]``."""
-    for flag, values in grid.items():
-        if not isinstance(flag, str) or not flag.startswith("-"):
-            raise SweepError(f"GRID key {flag!r} is not a command-line flag (it must start with '-')")
-        if not isinstance(values, (list, tuple)) or not values:
-            raise SweepError(f"GRID[{flag!r}] must be a non-empty list of values, got {values!r}")
-    flags = list(grid)
-    return [dict(zip(flags, combo)) for combo in itertools.product(*(grid[f] for f in flags))]
-
-
-def flag_argv(flag: str, value: Any) -> list[str]:
-    """``True`` -> ``[flag]``; ``False``/``None`` -> ``[]``; list/tuple -> ``[flag, *values]``; else ``[flag, str]``."""
-    if value is True:
-        return [flag]
-    if value is False or value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [flag, *map(str, value)]
-    return [flag, str(value)]
-
-
-def point_name(overrides: dict[str, Any]) -> str:
-    """Folder name from the overrides: ``{"-a": "resnet18", "--lr": 0.03}`` -> ``a=resnet18,lr=0.03``."""
-    if not overrides:
-        return "base"
-    parts = []
-    for flag, value in overrides.items():
-        key = flag.lstrip("-")
-        if value is True:
-            val = "on"
-        elif value is False or value is None:
-            val = "off"
-        elif isinstance(value, (list, tuple)):
-            val = "-".join(map(str, value))
-        else:
-            val = str(value)
-        parts.append(f"{key}={val}")
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
-
-
-def validate_argv(argv: list[str], where: str = "") -> argparse.Namespace:
-    """Parse with main_moco's parser; raise SweepError naming an unknown flag or a bad value."""
-    parser = main_moco.get_args_parser()
-
-    def _error(message: str):
-        raise SweepError(f"{where}: {message}" if where else message)
-
-    parser.error = _error  # argparse would print usage and sys.exit(2)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [u for u in unknown if u.startswith("-")] or unknown
-        _error(f"unknown flag(s) for main_moco.py: {' '.join(flags)} (see python main_moco.py --help)")
-    return args
-
-
-def build_points(sweep: Sweep, output_root: str | os.PathLike) -> list[Point]:
-    """Expand and validate every grid point (nothing is submitted here)."""
-    for flag in MANAGED_FLAGS:
-        if flag in sweep.base or flag in sweep.grid:
-            raise SweepError(f"{sweep.name}: do not set {flag}; the launcher gives each point its own folder")
-    points, seen = [], set()
-    for overrides in expand_grid(sweep.grid):
-        name = point_name(overrides)
-        if name in seen:
-            raise SweepError(f"{sweep.name}: two grid points share the folder name {name!r}")
-        seen.add(name)
-        out_dir = os.path.join(os.path.abspath(output_root), name)
-        argv = list(sweep.base) + [a for f, v in overrides.items() for a in flag_argv(f, v)] + ["--ckpt-dir", out_dir]
-        validate_argv(argv, where=f"{sweep.name} point {name!r}")
-        points.append(Point(name, overrides, argv, out_dir))
-    return points
+from smallssl.checkpoints import LAST_CKPT, list_checkpoints  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- the job itself
@@ -182,8 +62,7 @@ class SweepJob:
         checkpoint of this run exists)."""
         args = main_moco.get_args_parser().parse_args(self.argv)
         ckpt_dir = args.ckpt_dir
-        has_own = os.path.isdir(ckpt_dir) and any(re.fullmatch(r"checkpoint_(\d{4}|last)\.pth\.tar", f)
-                                                  for f in os.listdir(ckpt_dir))
+        has_own = bool(list_checkpoints(ckpt_dir)) or os.path.isfile(os.path.join(ckpt_dir, LAST_CKPT))
         if has_own or not args.resume:
             args.resume, args.restart = "auto", False
         return args
@@ -260,6 +139,13 @@ def _append_json(path: str, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ submission
+# SLURM key -> (submitit AutoExecutor parameter, type), for the keys that are passed on only when set
+OPTIONAL_PARAMETERS = {"mem_gb": ("mem_gb", lambda v: v), "partition": ("slurm_partition", str),
+                       "array_parallelism": ("slurm_array_parallelism", int), "setup": ("slurm_setup", list),
+                       "max_num_timeout": ("slurm_max_num_timeout", int),
+                       "additional_parameters": ("slurm_additional_parameters", dict)}
+
+
 def executor_parameters(sweep: Sweep, cli: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge SLURM defaults with command-line overrides into submitit AutoExecutor parameters."""
     merged = {**sweep.slurm, **{k: v for k, v in (cli or {}).items() if v is not None}}
@@ -276,18 +162,10 @@ def executor_parameters(sweep: Sweep, cli: dict[str, Any] | None = None) -> dict
         "timeout_min": int(merged.get("timeout_min", 60)),
         "slurm_signal_delay_s": int(merged.get("signal_delay_s", 90)),
     }
-    if merged.get("mem_gb"):
-        params["mem_gb"] = merged["mem_gb"]
-    if merged.get("partition"):
-        params["slurm_partition"] = merged["partition"]
-    if merged.get("array_parallelism"):
-        params["slurm_array_parallelism"] = int(merged["array_parallelism"])
-    if merged.get("setup"):
-        params["slurm_setup"] = list(merged["setup"])
-    if merged.get("max_num_timeout") is not None:
-        params["slurm_max_num_timeout"] = int(merged["max_num_timeout"])
-    if merged.get("additional_parameters"):
-        params["slurm_additional_parameters"] = dict(merged["additional_parameters"])
+    for key, (name, cast) in OPTIONAL_PARAMETERS.items():  # passed on only when set (max_num_timeout: also 0)
+        value = merged.get(key)
+        if value or (key == "max_num_timeout" and value is not None):
+            params[name] = cast(value)
     return params
 
 
@@ -357,7 +235,7 @@ def point_state(out_dir: str, epochs: int) -> str:
     """From the files of a run: finished | preempted (iteration checkpoint waiting) | running | pending."""
     if os.path.isfile(os.path.join(out_dir, f"checkpoint_{epochs:04d}.pth.tar")):
         return "finished"
-    if os.path.isfile(os.path.join(out_dir, main_moco.LAST_CKPT)):
+    if os.path.isfile(os.path.join(out_dir, LAST_CKPT)):
         return "preempted"
     if any(os.path.isfile(os.path.join(out_dir, f)) for f in ("log.jsonl", "launcher.jsonl")):
         return "running"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Teacher -> SEED -> convert -> MoCo restart -> kNN, in one command (seed 004's improved-baseline chain).
+"""Teacher -> SEED -> convert -> MoCo restart -> kNN, in one command (ssl-small's improved-baseline chain).
 
 Stages (each a ``main_moco.main`` run in this process, so every flag behaves as on the command line):
 
@@ -30,6 +30,8 @@ import sys
 import time
 
 import torch
+
+from smallssl.errors import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -213,4 +215,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

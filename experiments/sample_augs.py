@@ -20,12 +20,15 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from multiprocessing import get_all_start_methods, get_context
 from typing import Callable
 
 import torch
 import torchvision.transforms as T
 from PIL import Image
+
+from smallssl.errors import run_cli
 
 AUGS = ("moco", "moco-v1")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -124,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

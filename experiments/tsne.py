@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+from smallssl.errors import run_cli
 
 
 def tsne_embed(features: torch.Tensor, perplexity: float = 30.0, pca: int | None = 50, seed: int = 0,
@@ -61,18 +64,18 @@ def plot_embedding(emb: torch.Tensor, labels: torch.Tensor, classes: list[str], 
 def main(argv: list[str] | None = None) -> str:
     from torchvision.datasets import ImageFolder
 
-    from eval.features import common_parser, model_from_args, resolve_data, split_dir, split_features
+    from eval import cli
 
-    p = argparse.ArgumentParser("python -m experiments.tsne", parents=[common_parser()], description=__doc__)
+    p = argparse.ArgumentParser("python -m experiments.tsne", parents=[cli.common_parser()], description=__doc__)
     p.add_argument("--out", default="tsne.png")
     p.add_argument("--split", default="val")
     p.add_argument("-s", "--sample-per-class", default=100, type=int, help="first S images of each class")
     p.add_argument("--perplexity", default=30.0, type=float)
     p.add_argument("--pca", default=50, type=int, help="PCA dimensions before t-SNE (0 = none)")
     args = p.parse_args(argv)
-    folder = split_dir(resolve_data(args.data), args.split)
-    model, size = model_from_args(args, folder)
-    x, y = split_features(args, model, folder, size, per_class=args.sample_per_class)
+    folder = cli.split_dir(cli.resolve_data(args.data), args.split)
+    em = cli.model_from_args(args, folder)
+    x, y = cli.split_features(em, folder, per_class=args.sample_per_class)
     emb = tsne_embed(x, args.perplexity, args.pca or None, args.seed)
     classes = ImageFolder(folder).classes
     plot_embedding(emb, y, classes, args.out, f"{args.arch} {args.pretrained or 'random init'} - {folder}")
@@ -82,4 +85,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

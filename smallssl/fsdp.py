@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for SEER-size trunks, and sharded checkpoints with DCP.
 
-SEER trains RegNetY-10B with FSDP (seed 001): every residual block is a sharding unit, so a process only holds
+SEER (Goyal et al. 2021) trains RegNetY-10B with FSDP: every residual block is a sharding unit, so a process only holds
 one block's full parameters at a time, computes in reduced precision and reduces gradients in fp32; activation
 checkpointing per group of blocks trades compute for memory. Here:
 
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 
 MODEL_KEY, OPTIM_KEY, EXTRA_KEY = "model", "optimizer", "extra"
 

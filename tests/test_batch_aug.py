@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from smallssl.data import batch_aug as A
 from smallssl.data import CorruptImageError
+from smallssl.data import batch_aug as A
 from smallssl.data.memdata import load_images
 from tests.conftest import make_image_folder
 

@@ -28,9 +28,9 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
 
     from smallssl.backbones import create_backbone
     from smallssl.checkpoints.sharded import dcp_to_consolidated, dcp_to_sliced, load_sharded, save_sharded
+    from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced
     from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
     from smallssl.lars import LARS, lars_param_groups
-    from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

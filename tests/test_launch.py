@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from experiments import launch as L
+from experiments import sweep as S
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
@@ -34,36 +35,36 @@ def _write_sweep(path: Path, base: list[str], grid: dict, slurm: dict | None = N
 
 # ------------------------------------------------------------------------------------------------ fast tests
 def test_expand_grid_is_the_ordered_cartesian_product():
-    pts = L.expand_grid({"-a": ["resnet18", "deit_tiny"], "--lr": [0.1, 0.2, 0.3]})
+    pts = S.expand_grid({"-a": ["resnet18", "deit_tiny"], "--lr": [0.1, 0.2, 0.3]})
     assert len(pts) == 6
     assert pts[0] == {"-a": "resnet18", "--lr": 0.1}
     assert pts[1] == {"-a": "resnet18", "--lr": 0.2}  # last flag varies fastest
     assert pts[5] == {"-a": "deit_tiny", "--lr": 0.3}
-    assert L.expand_grid({}) == [{}]
-    with pytest.raises(L.SweepError, match="lr"):
-        L.expand_grid({"lr": [1]})  # not a flag
-    with pytest.raises(L.SweepError, match="non-empty list"):
-        L.expand_grid({"--lr": []})
+    assert S.expand_grid({}) == [{}]
+    with pytest.raises(S.SweepError, match="lr"):
+        S.expand_grid({"lr": [1]})  # not a flag
+    with pytest.raises(S.SweepError, match="non-empty list"):
+        S.expand_grid({"--lr": []})
 
 
 def test_flag_argv_and_point_names():
-    assert L.flag_argv("--cos", True) == ["--cos"]
-    assert L.flag_argv("--cos", False) == [] and L.flag_argv("--gpu", None) == []
-    assert L.flag_argv("--schedule", [120, 160]) == ["--schedule", "120", "160"]
-    assert L.flag_argv("--lr", 0.03) == ["--lr", "0.03"]
-    assert L.point_name({"-a": "resnet18", "--lr": 0.03}) == "a=resnet18,lr=0.03"
-    assert L.point_name({"--cos": True, "--aug-plus": False}) == "cos=on,aug-plus=off"
-    assert L.point_name({"--schedule": [120, 160]}) == "schedule=120-160"
-    assert L.point_name({"--resume": "/a b/c.pth"}) == "resume=_a_b_c.pth"
-    assert L.point_name({}) == "base"
+    assert S.flag_argv("--cos", True) == ["--cos"]
+    assert S.flag_argv("--cos", False) == [] and S.flag_argv("--gpu", None) == []
+    assert S.flag_argv("--schedule", [120, 160]) == ["--schedule", "120", "160"]
+    assert S.flag_argv("--lr", 0.03) == ["--lr", "0.03"]
+    assert S.point_name({"-a": "resnet18", "--lr": 0.03}) == "a=resnet18,lr=0.03"
+    assert S.point_name({"--cos": True, "--aug-plus": False}) == "cos=on,aug-plus=off"
+    assert S.point_name({"--schedule": [120, 160]}) == "schedule=120-160"
+    assert S.point_name({"--resume": "/a b/c.pth"}) == "resume=_a_b_c.pth"
+    assert S.point_name({}) == "base"
 
 
 def test_build_points_argv_parses_to_the_overrides(tmp_path):
-    sweep = L.Sweep("s", ["DATA", "-a", "resnet18", "--lr", "0.5"], {"--lr": [0.1, 0.2], "--cos": [True, False]})
-    points = L.build_points(sweep, tmp_path)
+    sweep = S.Sweep("s", ["DATA", "-a", "resnet18", "--lr", "0.5"], {"--lr": [0.1, 0.2], "--cos": [True, False]})
+    points = S.build_points(sweep, tmp_path)
     assert [p.name for p in points] == ["lr=0.1,cos=on", "lr=0.1,cos=off", "lr=0.2,cos=on", "lr=0.2,cos=off"]
     for p in points:
-        args = L.validate_argv(p.argv)
+        args = S.validate_argv(p.argv)
         assert args.lr == p.overrides["--lr"]  # the grid value wins over BASE
         assert args.cos is p.overrides["--cos"]
         assert args.ckpt_dir == str(tmp_path / p.name) == p.out_dir
@@ -77,8 +78,8 @@ def test_build_points_argv_parses_to_the_overrides(tmp_path):
     (["DATA", "--ckpt-dir", "x"], {}, "--ckpt-dir"),  # the launcher owns it
 ])
 def test_invalid_points_are_rejected_with_the_flag_named(tmp_path, base, grid, needle):
-    with pytest.raises(L.SweepError, match=needle):
-        L.build_points(L.Sweep("bad", base, grid), tmp_path)
+    with pytest.raises(S.SweepError, match=needle):
+        S.build_points(S.Sweep("bad", base, grid), tmp_path)
 
 
 def test_bad_sweep_fails_before_any_submission(tmp_path, monkeypatch, capsys):
@@ -109,14 +110,14 @@ def test_bad_sweep_from_the_command_line(tmp_path):
 
 
 def test_executor_parameters_merge_and_tasks_per_gpu():
-    sweep = L.Sweep("s", ["DATA"], {}, {"gpus_per_node": 4, "timeout_min": 30, "partition": "a100"})
+    sweep = S.Sweep("s", ["DATA"], {}, {"gpus_per_node": 4, "timeout_min": 30, "partition": "a100"})
     p = L.executor_parameters(sweep, {"nodes": 2, "timeout_min": None})
     assert p["gpus_per_node"] == 4 and p["tasks_per_node"] == 4  # one process per GPU
     assert p["nodes"] == 2 and p["timeout_min"] == 30 and p["slurm_partition"] == "a100"
-    assert L.executor_parameters(L.Sweep("c", ["DATA"]), {"tasks_per_node": 2})["tasks_per_node"] == 2
-    assert L.executor_parameters(L.Sweep("c", ["DATA"]))["tasks_per_node"] == 1
-    with pytest.raises(L.SweepError, match="gpus"):
-        L.executor_parameters(L.Sweep("s", ["DATA"], {}, {"gpus": 8}))
+    assert L.executor_parameters(S.Sweep("c", ["DATA"]), {"tasks_per_node": 2})["tasks_per_node"] == 2
+    assert L.executor_parameters(S.Sweep("c", ["DATA"]))["tasks_per_node"] == 1
+    with pytest.raises(S.SweepError, match="gpus"):
+        L.executor_parameters(S.Sweep("s", ["DATA"], {}, {"gpus": 8}))
 
 
 def test_resume_args_auto_and_first_start_restart(tmp_path):
@@ -193,12 +194,12 @@ def test_sweep_files_dry_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "moco-t=0.07:" in out and "moco-t=0.2:" in out
     assert len(list((tmp_path / "tiny" / "train").glob("*/*.png"))) == 32
-    sweep = L.load_sweep(IMPROVED)
-    points = L.build_points(sweep, tmp_path / "ib")
-    archs = [L.validate_argv(p.argv).arch for p in points]
+    sweep = S.load_sweep(IMPROVED)
+    points = S.build_points(sweep, tmp_path / "ib")
+    archs = [S.validate_argv(p.argv).arch for p in points]
     assert archs == ["resnet18", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0", "deit_tiny"]
-    a = L.validate_argv(points[0].argv)
-    # seed 004's improved baseline (the paper's command, architecture aside)
+    a = S.validate_argv(points[0].argv)
+    # ssl-small's improved baseline (the paper's command, architecture aside)
     assert (a.lr, a.batch_size, a.epochs, a.mlp, a.moco_t, a.moco_k) == (0.06, 512, 800, "wide", 0.1, 65536)
     assert (a.aug_plus, a.cj, a.grey_scale, a.gaussian_blur, a.cos) == (True, 1.0, 0.5, 0.5, True)
     params = L.executor_parameters(sweep)
@@ -243,11 +244,11 @@ def slurm_jobs(local_slurm, tmp_path_factory, monkeypatch_module):
     """Submit every Slurm test's jobs at once (each sweep with its own output root and submitit folder)."""
     tmp = tmp_path_factory.mktemp("slurm")
     monkeypatch_module.setenv("SMALLSSL_TINY_DATA", str(tmp / "tiny"))
-    tiny = L.load_sweep(TINY)  # creates the 2 x 16 synthetic 16x16 PNGs
+    tiny = S.load_sweep(TINY)  # creates the 2 x 16 synthetic 16x16 PNGs
     jobs = {}
     # a pair of identical 3-epoch 2-task DDP runs (print-freq changes nothing); the second one gets USR2
     base = [a for a in tiny.base] + ["--epochs", "3"]
-    pair = L.Sweep("requeue", base, {"--print-freq": [100, 101]}, {**tiny.slurm, "tasks_per_node": 2})
+    pair = S.Sweep("requeue", base, {"--print-freq": [100, 101]}, {**tiny.slurm, "tasks_per_node": 2})
     jobs["requeue"] = (tmp / "requeue", L.launch(pair, cluster="slurm", output_root=str(tmp / "requeue")))
     jobs["grid"] = (tmp / "grid", L.launch(tiny, cluster="slurm", output_root=str(tmp / "grid")))
     yield jobs
@@ -301,7 +302,7 @@ def test_grid_of_two_finishes_and_collect_shows_both(slurm_jobs, capsys):
     assert len({j.job_id.split("_")[0] for j in jobs}) == 1  # one job array
     assert [r["status"] for r in results] == ["finished", "finished"]
     assert [r["point"] for r in results] == ["moco-t=0.07", "moco-t=0.2"]
-    args = [L.validate_argv(p["argv"]) for p in json.loads((root / "launch.json").read_text())["points"]]
+    args = [S.validate_argv(p["argv"]) for p in json.loads((root / "launch.json").read_text())["points"]]
     assert [a.moco_t for a in args] == [0.07, 0.2]
     capsys.readouterr()
     assert L.cli([str(TINY), "--collect", "--output-root", str(root)]) == 0

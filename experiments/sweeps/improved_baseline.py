@@ -1,5 +1,5 @@
 """Improved MoCo v2 baselines of the five small models (Shi et al., "On the Efficacy of Small Self-Supervised
-Contrastive Models without Distillation Signals", AAAI 2022, arXiv:2107.14762; seed 004's README command).
+Contrastive Models without Distillation Signals", AAAI 2022, arXiv:2107.14762; ssl-small's README command).
 
 One 8-GPU node per architecture, 800 epochs on ImageNet; only the architecture changes. Check it with
 

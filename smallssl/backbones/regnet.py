@@ -92,8 +92,9 @@ REGNET_CONFIGS: dict[str, RegNetParams] = {
     "regnety_1.6gf": RegNetParams(depth=27, w_0=48, w_a=20.71, w_m=2.65, group_width=24),
     "regnety_32gf": RegNetParams(depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232),
     "regnety_64gf": RegNetParams(depth=20, w_0=352, w_a=147.48, w_m=2.4, group_width=328),
-    # classy-vision's regnet_y_64gf (final width 2976): not the published SEER 64GF checkpoint (that one is the
-    # config above, width 4920), but its trunk + SwAV MLP is the model card's 250M.
+    # classy-vision's regnet_y_64gf as it stood before classy-vision changed that config in June 2021 (final width
+    # 2976): not the published SEER 64GF checkpoint (that one is the config above, width 4920), but its trunk + SwAV
+    # MLP is the model card's 250M. Classy-vision's current regnet_y_256gf has no preset here.
     "regnety_64gf_classy": RegNetParams(depth=20, w_0=368, w_a=102.79, w_m=2.05, group_width=496),
     "regnety_128gf": RegNetParams(depth=27, w_0=456, w_a=160.83, w_m=2.52, group_width=264),
     "regnety_256gf": RegNetParams(depth=27, w_0=640, w_a=230.83, w_m=2.53, group_width=373),

@@ -11,6 +11,8 @@ Where the tarballs are looked for, in order: the ``data_dir`` argument, ``$SMALL
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tarfile
 import tempfile
 
@@ -70,7 +72,8 @@ def prepare_dataset(name: str, cache_dir: str | None = None, data_dir: str | Non
             f"dataset {name!r}: no tarball at {tar_path!r}. Known names: {', '.join(sorted(ALIASES))}; "
             "set SMALLSSL_DATA to the directory holding <name>.tar.gz.")
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".unpack_{stem}_", dir=cache_dir)
+    _remove_dead_unpacks(cache_dir, stem)
+    tmp = tempfile.mkdtemp(prefix=f".unpack_{stem}@{socket.gethostname()}@{os.getpid()}@", dir=cache_dir)
     try:
         with tarfile.open(tar_path, "r:gz") as tar:
             tar.extractall(tmp, members=_safe_members(tar, tmp))
@@ -88,6 +91,31 @@ def prepare_dataset(name: str, cache_dir: str | None = None, data_dir: str | Non
     finally:
         _rmtree(tmp)
     return root
+
+
+def _remove_dead_unpacks(cache_dir: str, stem: str) -> None:
+    """Delete partial ``.unpack_<stem>@<host>@<pid>@*`` trees whose unpacking process (on this host) is gone,
+    and those of the older ``.unpack_<stem>_XXXXXXXX`` form; a live process's unpack is left alone."""
+    host = socket.gethostname()
+    for name in os.listdir(cache_dir):
+        parts = name.split("@")
+        if len(parts) == 4 and parts[0] == f".unpack_{stem}":
+            if parts[1] != host or not parts[2].isdigit() or _pid_alive(int(parts[2])):
+                continue
+        elif not re.fullmatch(rf"\.unpack_{re.escape(stem)}_[a-z0-9_]{{8}}", name):
+            continue
+        print(f"=> removing {os.path.join(cache_dir, name)!r}: an interrupted unpack of {stem}", flush=True)
+        _rmtree(os.path.join(cache_dir, name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _rmtree(path: str) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Callable, Iterator
+import sys
+from collections.abc import Iterator
+from typing import Callable
 
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 
 class CorruptImageError(RuntimeError):
@@ -34,15 +37,18 @@ def _pil_loader(path: str) -> Image.Image:
 class SafeImageFolder(ImageFolder):
     """ImageFolder with clear errors: a missing directory or an unreadable image names the path."""
 
-    def __init__(self, root: str, transform: Callable | None = None, skip_bad: bool = False):
+    SKIP_HINT = "Remove or replace it, or pass --skip-bad-images to skip unreadable files."
+
+    def __init__(self, root: str, transform: Callable | None = None, skip_bad: bool = False,
+                 bad_image_hint: str = SKIP_HINT):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset directory {root!r} does not exist; expected an ImageFolder tree "
                                     f"{root}/<class>/<image>")
         try:
             super().__init__(root, transform=transform, loader=_pil_loader)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"no images found under {root!r} ({e}); expected {root}/<class>/<image>") from e
-        self.skip_bad = skip_bad
+            raise FileNotFoundError(_no_images_message(root, e)) from e
+        self.skip_bad, self.bad_image_hint = skip_bad, bad_image_hint
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -50,12 +56,27 @@ class SafeImageFolder(ImageFolder):
             img = self.loader(path)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if self.skip_bad:
+                print(f"=> warning: skipping unreadable image {path!r} ({type(e).__name__}: {e})", file=sys.stderr,
+                      flush=True)
                 return None
-            raise CorruptImageError(f"cannot read image {path!r} ({type(e).__name__}: {e}). Remove or replace "
-                                    "it, or pass --skip-bad-images to skip unreadable files.") from e
+            raise CorruptImageError(f"cannot read image {path!r} ({type(e).__name__}: {e}). "
+                                    f"{self.bad_image_hint}") from e
         if self.transform is not None:
             img = self.transform(img)
         return img, target
+
+
+def _no_images_message(root: str, e: Exception) -> str:
+    """Which class folders are empty (ImageFolder refuses a tree with any), or that the whole tree is."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    ext = tuple(x.lower() for x in IMG_EXTENSIONS)
+    empty = [c for c in classes if not any(f.lower().endswith(ext) for _, _, files in os.walk(os.path.join(root, c))
+                                          for f in files)]
+    if classes and len(empty) < len(classes):
+        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+        return (f"class folder(s) {shown} under {root!r} hold no images (extensions {', '.join(IMG_EXTENSIONS)}); "
+                f"every class folder needs at least one: remove the empty folder(s) or add their images")
+    return f"no images found under {root!r} ({e}); expected {root}/<class>/<image>"
 
 
 def collate_skip_bad(batch: list):
@@ -157,3 +178,34 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files are errors, not silently grey images
+
+
+class ViewLoader:
+    """The PIL path with the interface of :class:`~smallssl.data.memdata.BatchViews`: ``set_epoch(epoch,
+    start_iter)`` then iterate ``(views, targets, n_bad)`` batches of a :class:`SeededViews` dataset in the order
+    of a :class:`ResumableSampler`, decoded and augmented in ``workers`` DataLoader processes."""
+
+    def __init__(self, dataset: SeededViews, sampler: ResumableSampler, batch_size: int, workers: int = 0,
+                 pin_memory: bool = False, seed: int = 0):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.workers, self.pin_memory, self.seed, self.epoch = workers, pin_memory, seed, 0
+
+    @property
+    def num_batches(self) -> int:
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch, start_iter)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
+            collate_fn=collate_skip_bad, pin_memory=self.pin_memory, drop_last=True,
+            # its own generator: the DataLoader's per-iterator base seed must not consume the global RNG, or a
+            # resumed run would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed + self.epoch)))

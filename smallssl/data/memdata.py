@@ -17,7 +17,7 @@ import torch
 from torchvision import transforms
 
 from ..checkpoints.io import atomic_save
-from .datasets import SafeImageFolder
+from .datasets import SafeImageFolder, _mix_seed
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -36,7 +36,9 @@ def load_images(root: str, size: int, cache_dir: str | None = None, workers: int
     :class:`smallssl.data.CorruptImageError` naming the file.
     """
     ds = SafeImageFolder(root, transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
-                                                   transforms.PILToTensor()]))
+                                                   transforms.PILToTensor()]),
+                         bad_image_hint="--batch-aug decodes every image up front and cannot skip one: remove or "
+                                        "replace it (or drop --batch-aug and pass --skip-bad-images).")
     key = _fingerprint(root, ds.samples, size)
     path = os.path.join(cache_dir, f"images-{key}.pt") if cache_dir else None
     if path and os.path.exists(path):
@@ -76,8 +78,16 @@ class BatchViews:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
+    @property
+    def num_batches(self) -> int:
+        """Steps of a full epoch (the sampler's)."""
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        """Position the sampler (and so the views' seeds) at ``epoch``, iteration ``start_iter``."""
+        self.sampler.set_epoch(epoch, start_iter)
+
     def __iter__(self):
-        from .data import _mix_seed
 
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         for j in range(len(order) // self.batch_size):
