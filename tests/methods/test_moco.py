@@ -102,7 +102,7 @@ def test_shuffle_bn_emulation_uses_sub_batch_statistics():
 
 
 def test_symmetric_loss_is_the_sum_of_both_directions_and_enqueues_both_keys():
-    """MoCo's CIFAR-10 demo: loss = loss_12 + loss_21 (a sum), k = cat([k1, k2]) enqueued."""
+    """MoCo's CIFAR-10 demo: loss = loss_12 + loss_21 (a sum); both views' keys enqueued in one block."""
     torch.manual_seed(0)
     model = MoCo(create_backbone("resnet18", small_input=True), dim=4, K=8, m=0.0, T=0.2, mlp="v2",
                  shuffle_bn_splits=1, symmetric=True)
@@ -115,7 +115,7 @@ def test_symmetric_loss_is_the_sum_of_both_directions_and_enqueues_both_keys():
     ref = info_nce(z1, z2, queue, 0.2) + info_nce(z2, z1, queue, 0.2)
     assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
     assert int(model.queue_ptr) == 4  # 2 keys of each view
-    torch.testing.assert_close(model.queue[:4], torch.cat([z1, z2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.queue[:4], torch.cat([z2, z1]), atol=1e-5, rtol=0)  # view 2's keys first
     with pytest.raises(ValueError, match="--moco-k 8 is not a multiple of the global batch size 16"):
         model.check_batch(8)
 
