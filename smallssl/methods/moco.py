@@ -17,7 +17,8 @@ Symmetric loss (``symmetric=True``, ``--moco-symmetric``; the loss of MoCo's off
 view is both query and key, ``loss = InfoNCE(q1, k2) + InfoNCE(q2, k1)`` (the sum, as in the demo: twice the
 mean's gradient) against the same queue, and both views' keys are enqueued in one block, the same set as the
 demo's (K must be a multiple of twice the global batch). MoCo v3 also sums both directions, but against
-in-batch keys (no queue) and scaled by 2T; that is not what this computes. ~1.7x the compute per step; at short budgets it learns faster per second.
+in-batch keys (no queue) and scaled by 2T; that is not what this computes. ~1.7x the compute per step; at short
+budgets it learns faster per second.
 
 The queue is stored as (K, dim) (rows are keys, the layout the fused kernel reads); checkpoints of the
 official (dim, K) layout are transposed on load.
