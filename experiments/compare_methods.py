@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
         t0 = time.time()
         res = knn_eval(args, sets, ckpt)
-        value = collapse_value(run_args.method, K=run_args.moco_k, batch_size=run_args.batch_size,
+        value = collapse_value(run_args.method, K=run_args.moco_k, symmetric=run_args.moco_symmetric,
+                               batch_size=run_args.batch_size,
                                dim=int(run_args.barlow_proj.split("-")[-1]))
         rows.append({"method": method, "train_s": train_s, "steps": step, "loss": status.get("loss"), **res,
                      "collapse_loss": value, "collapsed": is_collapsed_loss(status.get("loss"), value),

@@ -114,7 +114,8 @@ def _check_2d(z: torch.Tensor, what: str, min_rows: int) -> None:
 def collapse_value(method_name: str, **hparams) -> float | None:
     """The loss a method reports when every embedding is the same (its "uniform" or trivial solution).
 
-    * ``moco`` (``K`` = queue size): all K+1 logits equal -> ln(K+1) (the symmetric loss averages two such terms).
+    * ``moco`` (``K`` = queue size): all K+1 logits equal -> ln(K+1); ``symmetric=True`` (the summed two-direction
+      loss of ``--moco-symmetric``) -> 2 ln(K+1).
     * ``simclr`` (``batch_size`` = global N images, 2N embeddings): NT-Xent over 2N-1 candidates -> ln(2N-1).
     * ``swav`` -> None: with one embedding for every image the Sinkhorn codes are uniform and the loss is
       ``ln(K) + KL(uniform || softmax(z.c / T))`` >= ln(K), which depends on the prototypes.
@@ -125,7 +126,9 @@ def collapse_value(method_name: str, **hparams) -> float | None:
     """
     name = method_name.lower()
     if name == "moco":
-        return math.log(int(hparams["K"]) + 1) if "K" in hparams else None
+        if "K" not in hparams:
+            return None
+        return math.log(int(hparams["K"]) + 1) * (2 if hparams.get("symmetric") else 1)
     if name == "simclr":
         n = hparams.get("batch_size")
         return math.log(2 * int(n) - 1) if n is not None and int(n) >= 1 else None

@@ -98,6 +98,7 @@ def test_collapse_values_are_the_losses_of_equal_embeddings():
     assert float(nt_xent_reference(z, z, 0.5)) == pytest.approx(collapse_value("simclr", batch_size=8), rel=1e-5)
     assert float(barlow_twins_loss(z, z)) == pytest.approx(collapse_value("barlow", dim=16), rel=1e-4)
     assert collapse_value("moco", K=512) == pytest.approx(math.log(513))
+    assert collapse_value("moco", K=512, symmetric=True) == pytest.approx(2 * math.log(513))  # summed directions
     assert collapse_value("moco") is None and collapse_value("seed") is None and collapse_value("swav") is None
 
 

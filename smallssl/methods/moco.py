@@ -10,8 +10,9 @@ Per step, for two views ``x_q, x_k`` of a batch of B images:
 
 Shuffle-BN: under DDP the keys are computed on a batch shuffled across ranks (as in the official code); in
 one process it is emulated by running the key encoder on ``shuffle_bn_splits`` random sub-batches and the
-query encoder on the same number of sub-batches in order (SplitBatchNorm), so BN statistics of a query and
-its key never come from the same set of images.
+query encoder on the same number of sub-batches in order (SplitBatchNorm), so a key's BN statistics share only
+about 1/S of their images with its query's (S = ``shuffle_bn_splits``: half at S=2, all at S=1 (no emulation);
+an eighth in the official 8-GPU shuffle), and each BN batch is B/S images.
 
 Symmetric loss (``symmetric=True``, ``--moco-symmetric``; the loss of MoCo's official CIFAR-10 demo): each
 view is both query and key, ``loss = InfoNCE(q1, k2) + InfoNCE(q2, k1)`` (the sum, as in the demo: twice the
