@@ -9,19 +9,8 @@ distribution ``softmax([t.t, t queue^T] / T_t)`` and the student's ``log_softmax
 ``world * B`` queue rows. The paper's recipe: K = 65536, T_s = 0.2, T_t = 1e-4, SGD with
 lr = 0.03 * batch / 256, 5 warm-up epochs, cosine schedule, 200 epochs.
 
-Teachers (:func:`build_teacher`) come from any layout :func:`load_teacher` recognises: smallssl checkpoints
-(MoCo / SwAV: ``module.encoder_q.backbone.*`` + ``module.encoder_q.head.*``), official MoCo / ssl-small
-(``module.encoder_q.<torchvision>`` + ``module.encoder_q.fc.*``), official SwAV (``module.<torchvision>`` +
-``module.projection_head.*``), VISSL / SEER (``classy_state_dict/.../trunk`` + ``heads``, through
-:mod:`smallssl.vissl`), and raw torchvision / timm state dicts (backbone only, no projection head).
-
-Teacher projection (``proj``): ``auto`` = the checkpoint's projection head if it has one, else the backbone
-feature itself; ``head`` = require the head; ``none`` = the backbone feature; ``random`` = a fixed random
-Gaussian projection ``W`` (dim, D) / sqrt(dim) of the backbone feature, drawn from ``seed`` and stored in
-the checkpoint (``teacher.head.weight``). A random projection approximately preserves inner products
-(Johnson-Lindenstrauss), so it keeps the teacher's similarity structure when the backbone feature's width
-differs from the student's embedding dim. A teacher whose embedding width differs from ``dim`` raises
-``ValueError`` naming these choices; it is never truncated or padded silently.
+The frozen teacher comes from :func:`smallssl.checkpoints.teacher.build_teacher` (any checkpoint layout smallssl
+reads, with the teacher projection ``--teacher-proj auto|head|none|random``; see that module).
 """
 
 from __future__ import annotations
