@@ -22,7 +22,7 @@ Module layout (state-dict keys)::
     stages.{s}.{i}.se.reduce, .se.expand                SE: w_b -> round(0.25 * width_in) -> w_b (with biases)
     stages.{s}.{i}.conv_c, .bn_c                        1x1, w_b -> width_out
 
-:mod:`smallssl.vissl` maps these names from and to VISSL's ``_feature_blocks.*`` layout.
+:mod:`smallssl.checkpoints.vissl` maps these names from and to VISSL's ``_feature_blocks.*`` layout.
 """
 
 from __future__ import annotations

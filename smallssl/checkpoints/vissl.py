@@ -135,7 +135,7 @@ def _node(obj: Any, path: Sequence[str]) -> Any:
 def open_vissl(path_or_ckpt: str | Mapping) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str]:
     """``(trunk, heads, source)`` of a VISSL checkpoint: a path (consolidated or sliced index) or a loaded dict.
 
-    A sliced checkpoint gives :class:`~smallssl.sliced.LazyStateDict` views (nothing read yet); a consolidated
+    A sliced checkpoint gives :class:`~smallssl.checkpoints.sliced.LazyStateDict` views (nothing read yet); a consolidated
     file is memory-mapped. A flat dict of ``_feature_blocks.*`` tensors is accepted as a bare trunk.
     """
     source = path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>"
@@ -171,7 +171,7 @@ def load_vissl_trunk(model: nn.Module, path_or_ckpt: str | Mapping, strict: bool
 
     Works for consolidated and sliced checkpoints and for models built on the meta device (tensors are
     materialised on ``device``, one at a time). Head tensors are listed as unused (``heads.*``). ``strict``
-    raises :class:`~smallssl.checkpoint.CheckpointMismatchError` when a trunk tensor is missing or has
+    raises :class:`~smallssl.checkpoints.CheckpointMismatchError` when a trunk tensor is missing or has
     another shape (e.g. the wrong ``regnety_*`` config).
     """
     trunk, heads, source = open_vissl(path_or_ckpt)
