@@ -135,8 +135,8 @@ def _node(obj: Any, path: Sequence[str]) -> Any:
 def open_vissl(path_or_ckpt: str | Mapping) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str]:
     """``(trunk, heads, source)`` of a VISSL checkpoint: a path (consolidated or sliced index) or a loaded dict.
 
-    A sliced checkpoint gives :class:`~smallssl.checkpoints.sliced.LazyStateDict` views (nothing read yet); a consolidated
-    file is memory-mapped. A flat dict of ``_feature_blocks.*`` tensors is accepted as a bare trunk.
+    A sliced checkpoint gives :class:`~smallssl.checkpoints.sliced.LazyStateDict` views (nothing read yet); a
+    consolidated file is memory-mapped. A flat dict of ``_feature_blocks.*`` tensors is accepted as a bare trunk.
     """
     source = path_or_ckpt if isinstance(path_or_ckpt, str) else "<dict>"
     if isinstance(path_or_ckpt, str):
