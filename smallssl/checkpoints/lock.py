@@ -26,7 +26,8 @@ class LockError(RuntimeError):
 LOCK_NAME = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,7 +77,7 @@ class RunLock:
             same_host = holder.get("host") == self.me["host"]
             pid = int(holder.get("pid", -1))
             requeued = holder.get("slurm_job") is not None and holder.get("slurm_job") == self.me["slurm_job"]
-            stale = not holder or requeued or (same_host and (pid == os.getpid() or not _alive(pid)))
+            stale = not holder or requeued or (same_host and (pid == os.getpid() or not pid_alive(pid)))
             if not (stale or self.force):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("start_time", 0)))
                 where = "this host" if same_host else f"host {holder.get('host')!r}"

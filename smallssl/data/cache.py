@@ -16,6 +16,8 @@ import socket
 import tarfile
 import tempfile
 
+from ..checkpoints.lock import pid_alive
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Short names the CLIs accept -> tarball stem (the directory it unpacks to).
@@ -100,22 +102,12 @@ def _remove_dead_unpacks(cache_dir: str, stem: str) -> None:
     for name in os.listdir(cache_dir):
         parts = name.split("@")
         if len(parts) == 4 and parts[0] == f".unpack_{stem}":
-            if parts[1] != host or not parts[2].isdigit() or _pid_alive(int(parts[2])):
+            if parts[1] != host or not parts[2].isdigit() or pid_alive(int(parts[2])):
                 continue
         elif not re.fullmatch(rf"\.unpack_{re.escape(stem)}_[a-z0-9_]{{8}}", name):
             continue
         print(f"=> removing {os.path.join(cache_dir, name)!r}: an interrupted unpack of {stem}", flush=True)
         _rmtree(os.path.join(cache_dir, name))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _rmtree(path: str) -> None:
