@@ -159,6 +159,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("moco")
     g.add_argument("--moco-dim", default=128, type=int)
     g.add_argument("--moco-k", default=65536, type=int, help="queue size; multiple of the global batch")
+    g.add_argument("--moco-queue-init", default="random", choices=["random", "empty"],
+                   help="random: unit vectors, as the official code; empty: the loss uses only the keys written so "
+                        "far (no step trains against random vectors; matters at short budgets)")
     g.add_argument("--moco-m", default=0.999, type=float)
     g.add_argument("--moco-t", default=0.07, type=float)
     g.add_argument("--moco-symmetric", action="store_true",
@@ -376,7 +379,8 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
                 base_lr=lr, amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
                 memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
                 print_freq=args.print_freq, progress=is_main and not args.no_progress, ckpt_dir=args.ckpt_dir,
-                logger=logger, monitor=CollapseMonitor(), knn=build_online_knn(args, device, is_main),
+                logger=logger, monitor=CollapseMonitor(hint=method.collapse_hint),
+                knn=build_online_knn(args, device, is_main),
                 knn_every=max(1, round(args.knn_every * loader.num_batches)) if args.knn_every else 0)
     lrs = lr_schedule(lr, args.epochs, loader.num_batches, cos=args.cos, schedule=args.schedule,
                       warmup_epochs=args.warmup_epochs)
@@ -545,7 +549,8 @@ def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:
     """The only place where command-line arguments become method keyword arguments."""
     if args.method == "moco":
         return METHODS["moco"](backbone, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                               mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits, symmetric=args.moco_symmetric)
+                               mlp=args.mlp, shuffle_bn_splits=args.shuffle_bn_splits, symmetric=args.moco_symmetric,
+                               queue_init=args.moco_queue_init)
     if args.method == "simclr":
         return METHODS["simclr"](backbone, dim=args.simclr_dim, hidden_dim=args.simclr_hidden,
                                  temperature=args.simclr_t)

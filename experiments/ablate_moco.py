@@ -42,9 +42,15 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "t0.1": ("T 0.2 -> 0.1", ["--moco-t", "0.1"]),
     "splits1": ("--shuffle-bn-splits 2 -> 1 (no single-process shuffle-BN emulation)", ["--shuffle-bn-splits", "1"]),
     "k4096": ("K 512 -> 4096 with m 0.9 -> 0.99", ["--moco-k", "4096", "--moco-m", "0.99"]),
+    "m0.99": ("m 0.9 -> 0.99 (K stays 512)", ["--moco-m", "0.99"]),
+    "lr0.03": ("lr 0.01 -> 0.03 (summed symmetric loss: the average at lr 0.06, MoCo's CIFAR demo)", ["--lr", "0.03"]),
     "head2048": ("head v2 (512 hidden) -> wide_bn (2048 hidden + BN)", ["--mlp", "wide_bn"]),
     "head1024": ("head v2 (512 hidden) -> wide (1024 hidden, no BN)", ["--mlp", "wide"]),
     "small-input": ("ImageNet stem -> CIFAR stem (3x3 stride 1, no max-pool)", ["--small-input"]),
+    "empty-queue": ("queue of K random vectors -> empty (only keys written so far)", ["--moco-queue-init", "empty"]),
+    "m0.99+empty": ("m 0.99 and the empty queue together", ["--moco-m", "0.99", "--moco-queue-init", "empty"]),
+    "recipe": ("m 0.99, the empty queue and the wide_bn head together (the short-budget recipe)",
+               ["--moco-m", "0.99", "--moco-queue-init", "empty", "--mlp", "wide_bn"]),
     "t0.1+splits1": ("T 0.1 and --shuffle-bn-splits 1 together", ["--moco-t", "0.1", "--shuffle-bn-splits", "1"]),
 }
 

@@ -46,7 +46,7 @@ from eval.knn import dino_knn  # noqa: E402
 from experiments.bench_train import bench  # noqa: E402
 from smallssl.backbones import create_backbone  # noqa: E402
 from smallssl.data.batch_aug import BatchAugment  # noqa: E402
-from smallssl.data.cache import default_cache_dir, prepare_dataset  # noqa: E402
+from smallssl.data.cache import balanced_subset, default_cache_dir, prepare_dataset  # noqa: E402
 from smallssl.data.memdata import NormalizedImages, load_images  # noqa: E402
 from smallssl.diagnostics import is_collapsed_loss  # noqa: E402
 from smallssl.errors import run_cli  # noqa: E402
@@ -63,7 +63,13 @@ KNN_K, KNN_T = 20, 0.07
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("compare_peers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: cached Caltech-101)")
+    p.add_argument("--data", default="caltech101",
+                   help="ImageFolder root with train/ and val/, or a dataset name of ../shared/data (caltech101, "
+                        "cifar10, cifar100) unpacked into the cache")
+    p.add_argument("--per-class", nargs=2, type=int, default=None, metavar=("TRAIN", "VAL"),
+                   help="use the first TRAIN / VAL images of every class (a class-balanced subset, symlinked)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="replaces --image-size of the smallssl flags (shared with lightly and the kNN)")
     p.add_argument("--peers", nargs="+", default=["random", "smallssl", "lightly"],
                    choices=["random", "smallssl", "lightly"])
     p.add_argument("--out", default="runs/compare_peers")
@@ -86,6 +92,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default=2, type=int)
     p.add_argument("--seed", default=0, type=int)
     return p
+
+
+def resolve_data(data: str, per_class: list[int] | None = None) -> str:
+    """An existing directory as is, else a dataset name unpacked by :func:`prepare_dataset`; then the
+    class-balanced ``per_class`` = (train, val) subset of it when given."""
+    root = data if os.path.isdir(data) else prepare_dataset(data)
+    return balanced_subset(root, *per_class) if per_class else root
 
 
 # ------------------------------------------------------------------------------------------ budget
@@ -309,8 +322,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.budget_s <= 0 and args.steps <= 0:
         raise ValueError("give a training budget: --budget-s S > 0 or --steps N > 0")
     torch.set_num_threads(args.threads)
-    data = args.data or prepare_dataset("caltech101")
-    flags = shlex.split(args.smallssl_flags)
+    data = resolve_data(args.data, args.per_class)
+    flags = shlex.split(args.smallssl_flags) + (["--image-size", str(args.image_size)] if args.image_size else [])
     a = main_moco.get_args_parser().parse_args(["unused", *flags])
     small = main_moco.small_input(a)
     os.makedirs(args.out, exist_ok=True)

@@ -157,6 +157,10 @@ def is_collapsed_loss(loss: float | None, value: float | None, rel: float = 0.02
 
 
 # ------------------------------------------------------------------------------------------- online monitor
+#: The collapse warning's advice where a method names no better one (``SSLMethod.collapse_hint``).
+DEFAULT_COLLAPSE_HINT = "Runs usually recover with a lower lr (or predictor lr), a larger batch, or a lower temperature"
+
+
 class CollapseMonitor:
     """Collapse statistics over the last ``history`` batches and a once-per-episode warning.
 
@@ -187,15 +191,17 @@ class CollapseMonitor:
         std_floor: absolute floor of ``emb_std * sqrt(d)``.
         drop: relative floor of ``emb_std`` and ``emb_rank`` against their peaks.
         eps: RankMe's epsilon.
+        hint: the warning's last sentence, what to change (the trainer passes the method's ``collapse_hint``).
     """
 
     def __init__(self, history: int = 2, patience: int = 3, std_floor: float = 0.05, drop: float = 0.3,
-                 eps: float = RANKME_EPS):
+                 eps: float = RANKME_EPS, hint: str = DEFAULT_COLLAPSE_HINT):
         if history < 1 or patience < 1:
             raise ValueError(f"history and patience must be >= 1, got history={history}, patience={patience}")
         if not 0 <= std_floor < 1 or not 0 <= drop < 1:
             raise ValueError(f"std_floor and drop must be in [0, 1), got std_floor={std_floor}, drop={drop}")
         self.history, self.patience, self.std_floor, self.drop, self.eps = history, patience, std_floor, drop, eps
+        self.hint = hint
         self._emb: deque[list[torch.Tensor]] = deque(maxlen=history)  # per batch: the views, each (B, d)
         self._feat: deque[torch.Tensor] = deque(maxlen=history)  # per batch: (B, F)
         self._cached: dict[str, float] | None = None
@@ -276,8 +282,7 @@ class CollapseMonitor:
             return None
         self.warned = True
         return (f"WARNING: the embeddings are collapsing at step {step} ({'; '.join(why)}; {self.low_streak} "
-                f"checks in a row). Runs usually recover with a lower lr (or predictor lr), a larger batch, or a lower "
-                f"temperature")
+                f"checks in a row). {self.hint}")
 
     def state_dict(self) -> dict:
         """Peaks and episode state (not the buffer), so a resumed run judges against the same peaks."""

@@ -41,7 +41,10 @@ def test_each_ablation_changes_exactly_what_it_names():
     base = vars(main_moco.get_args_parser().parse_args(["d", *compare_peers.BASELINE]))
     expect = {"baseline": {}, "t0.1": {"moco_t": 0.1}, "splits1": {"shuffle_bn_splits": 1},
               "k4096": {"moco_k": 4096, "moco_m": 0.99}, "head2048": {"mlp": "wide_bn"}, "head1024": {"mlp": "wide"},
-              "small-input": {"small_input": True}, "t0.1+splits1": {"moco_t": 0.1, "shuffle_bn_splits": 1}}
+              "small-input": {"small_input": True}, "t0.1+splits1": {"moco_t": 0.1, "shuffle_bn_splits": 1},
+              "m0.99": {"moco_m": 0.99}, "lr0.03": {"lr": 0.03}, "empty-queue": {"moco_queue_init": "empty"},
+              "m0.99+empty": {"moco_m": 0.99, "moco_queue_init": "empty"},
+              "recipe": {"moco_m": 0.99, "moco_queue_init": "empty", "mlp": "wide_bn"}}
     assert set(expect) == set(ablate_moco.ABLATIONS)
     for name, changed in expect.items():
         args = vars(main_moco.get_args_parser().parse_args(["d", *ablate_moco.ablation_flags(name)]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from smallssl.diagnostics import (
+    DEFAULT_COLLAPSE_HINT,
     RANKME_EPS,
     CollapseMonitor,
     alignment,
@@ -223,3 +224,15 @@ def test_monitor_state_dict_keeps_peaks():
     resumed.load_state_dict(mon.state_dict())
     assert resumed.peak == mon.peak
     assert list(_run(resumed, _collapsed, range(5, 9))) == [7]  # its buffer refills first (step 5 not judged)
+
+
+def test_monitor_warning_ends_with_the_methods_hint():
+    from smallssl.methods import METHODS
+
+    torch.manual_seed(0)
+    mon = CollapseMonitor(history=1, patience=1, hint=METHODS["moco"].collapse_hint)
+    v = torch.nn.functional.normalize(torch.randn(1, 16), dim=1)
+    mon.update([v.repeat(32, 1)])
+    line = mon.check(7)
+    assert line.startswith("WARNING: the embeddings are collapsing at step 7") and "--moco-queue-init empty" in line
+    assert METHODS["simsiam"].collapse_hint == DEFAULT_COLLAPSE_HINT != METHODS["moco"].collapse_hint

@@ -114,3 +114,40 @@ def _rmtree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def balanced_subset(root: str, train_per_class: int, val_per_class: int, cache_dir: str | None = None) -> str:
+    """An ImageFolder root holding the first ``train_per_class`` / ``val_per_class`` files (sorted by name) of
+    every class of ``root``'s ``train/`` / ``val/``, as symlinks under ``<cache>/<name>-<T>x<V>/`` (made once,
+    atomically, like :func:`prepare_dataset`). For a class-balanced subset of a large set (e.g. CIFAR-10 at 64 px
+    in a short comparison); a class with fewer files keeps them all."""
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError(f"per-class sizes must be >= 1, got train {train_per_class}, val {val_per_class}")
+    root = os.path.abspath(root)
+    cache_dir = cache_dir or default_cache_dir()
+    out = os.path.join(cache_dir, f"{os.path.basename(root.rstrip(os.sep))}-{train_per_class}x{val_per_class}")
+    if os.path.isfile(os.path.join(out, ".complete")):
+        return out
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".subset_{os.path.basename(out)}@{socket.gethostname()}@{os.getpid()}@",
+                           dir=cache_dir)
+    try:
+        for split, n in (("train", train_per_class), ("val", val_per_class)):
+            src = os.path.join(root, split)
+            if not os.path.isdir(src):
+                raise FileNotFoundError(f"{src!r} is not a directory: a subset needs <root>/train and <root>/val")
+            for cls in sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))):
+                os.makedirs(os.path.join(tmp, split, cls))
+                for f in sorted(os.listdir(os.path.join(src, cls)))[:n]:
+                    os.symlink(os.path.join(src, cls, f), os.path.join(tmp, split, cls, f))
+        open(os.path.join(tmp, ".complete"), "w").close()
+        if os.path.isdir(out) and not os.path.isfile(os.path.join(out, ".complete")):
+            _rmtree(out)  # left by an interrupted older run
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not os.path.isfile(os.path.join(out, ".complete")):
+                raise
+    finally:
+        _rmtree(tmp)
+    return out

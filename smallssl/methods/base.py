@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch.nn as nn
 
+from ..diagnostics import DEFAULT_COLLAPSE_HINT
+
 
 class SSLMethod(nn.Module):
     """Base class of every self-supervised method (see the module docstring for the step order)."""
@@ -26,6 +28,10 @@ class SSLMethod(nn.Module):
     #: True when nothing touches parameters outside forward / the optimizer / these hooks, so that
     #: ``--fsdp`` (FSDP2 ``fully_shard``) may shard them.
     supports_fsdp: ClassVar[bool] = False
+
+    #: What the collapse warning (:class:`smallssl.diagnostics.CollapseMonitor`) tells users of this method to
+    #: change; methods with a measured cause override it.
+    collapse_hint: ClassVar[str] = DEFAULT_COLLAPSE_HINT
 
     @property
     def backbone(self) -> nn.Module:

@@ -8,6 +8,11 @@ Per step, for two views ``x_q, x_k`` of a batch of B images:
 3. loss = InfoNCE over logits ``[q.k, q queue^T] / T`` with the positive at index 0 (``kernels.info_nce``);
 4. the all-gathered keys of every rank replace the oldest ``world * B`` entries of the queue.
 
+The queue starts as K random unit vectors, as in the official code (``queue_init="random"``); a long run
+forgets them, but for the first K / (keys per step) steps every negative is random, so the loss only pulls each
+query towards its key and the embeddings contract (measured at short budgets, see the README).
+``queue_init="empty"`` starts from zero rows and uses only the rows keys have been written to.
+
 Shuffle-BN: under DDP the keys are computed on a batch shuffled across ranks (as in the official code); in
 one process it is emulated by running the key encoder on ``shuffle_bn_splits`` random sub-batches and the
 query encoder on the same number of sub-batches in order (SplitBatchNorm), so a key's BN statistics share only
@@ -38,6 +43,8 @@ from ..momentum import ema_update_, frozen_copy
 from ..queue import check_queue_batch, enqueue_keys
 from .base import SSLMethod
 
+QUEUE_INITS = ("random", "empty")
+
 
 class MoCo(SSLMethod):
     """MoCo with a queue of negatives and a momentum key encoder.
@@ -53,8 +60,12 @@ class MoCo(SSLMethod):
         symmetric: both views serve as query and key (see the module docstring).
     """
 
+    collapse_hint = ("For MoCo at short budgets: start from an empty queue (--moco-queue-init empty) and slow the key "
+                     "encoder (--moco-m 0.99); a high acc1 with acc1_batch near chance (100/batch) means the pretext "
+                     "task is solved by telling this step's keys from the queue's, not images apart")
+
     def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
-                 mlp: str = "none", shuffle_bn_splits: int = 2, symmetric: bool = False):
+                 mlp: str = "none", shuffle_bn_splits: int = 2, symmetric: bool = False, queue_init: str = "random"):
         super().__init__()
         if K <= 0 or dim <= 0:
             raise ValueError(f"queue size K and dim must be positive, got K={K}, dim={dim}")
@@ -64,10 +75,16 @@ class MoCo(SSLMethod):
             raise ValueError(f"temperature T must be > 0, got {T}")
         if shuffle_bn_splits < 1:
             raise ValueError(f"shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
+        if queue_init not in QUEUE_INITS:
+            raise ValueError(f"queue_init must be one of {', '.join(QUEUE_INITS)}, got {queue_init!r}")
         self.K, self.m, self.T, self.shuffle_bn_splits, self.symmetric = K, m, T, shuffle_bn_splits, symmetric
         self.encoder_q = Encoder(backbone, build_head(mlp, backbone.num_features, dim))
         self.encoder_k = frozen_copy(self.encoder_q)
-        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        # random: unit vectors, as the official code (a long run forgets them); empty: zero rows, which the loss
+        # leaves out until keys have been written there (see negatives())
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1) if queue_init == "random"
+                             else torch.zeros(K, dim))
+        self._queue_full = False  # decided from the buffer at the first step, so also for a loaded queue
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def check_batch(self, global_batch: int) -> None:
@@ -84,6 +101,24 @@ class MoCo(SSLMethod):
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` (N, dim) at the queue pointer and advance it (mod K)."""
         enqueue_keys(self.queue, self.queue_ptr, keys)
+
+    @torch.no_grad()
+    def negatives(self) -> torch.Tensor:
+        """A copy of the queue rows the loss uses (the enqueue after the loss must not change what it saw): all K,
+        or, while an ``empty``-initialised queue is filling, only the rows keys were written to (a key is a unit
+        vector, an unwritten row is exactly zero), so no step trains against random vectors."""
+        if not self._queue_full:
+            written = self.queue.ne(0).any(1)
+            if bool(written.all()):
+                self._queue_full = True
+            else:
+                return self.queue[written].clone()
+        return self.queue.clone().detach()
+
+    def _loss(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if queue.shape[0] == 0:  # the first step of an empty queue: no negatives, nothing to learn
+            return (q * k).sum() * 0.0, q.new_tensor(100.0)
+        return info_nce(q, k, queue, self.T, return_accuracy=True)
 
     def _split_forward(self, enc: nn.Module, x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """Forward ``x`` in ``shuffle_bn_splits`` sub-batches (after permuting by ``order``), undo the order."""
@@ -126,16 +161,30 @@ class MoCo(SSLMethod):
             self.momentum_update()
             k = self._keys(x_k).float()
             k2 = self._keys(x_q).float() if self.symmetric else None
-        queue = self.queue.clone().detach()  # the enqueue below must not change what the loss saw
-        loss, acc1 = info_nce(q, k, queue, self.T, return_accuracy=True)
+        queue = self.negatives()
+        loss, acc1 = self._loss(q, k, queue)
         if self.symmetric:
-            loss2, acc2 = info_nce(q2, k2, queue, self.T, return_accuracy=True)
+            loss2, acc2 = self._loss(q2, k2, queue)
             # MoCo's CIFAR-10 demo: the sum of both directions (not their mean). Both views' keys enter (and later
             # leave) the queue in the same step, so the queue holds the same set of keys as the demo's
             # cat([k1, k2]); the order inside the block only changes float summation order, and is kept as the
             # `make demo` recipe was measured with (view 2's keys first) so its figures reproduce bit for bit.
             loss, acc1 = loss + loss2, 0.5 * (acc1 + acc2)
             k = torch.cat([k, k2])
+        acc_batch = batch_top1(q.detach(), k[:q.shape[0]]) if not self.symmetric else 0.5 * (
+            batch_top1(q.detach(), k[:q.shape[0]]) + batch_top1(q2.detach(), k[q.shape[0]:]))
         self.enqueue(sdist.all_gather_cat(k))
         emb = [q.detach()] + ([q2.detach()] if self.symmetric else [])
-        return {"loss": loss, "acc1": acc1, "emb": emb, "feat": feat.detach()}
+        return {"loss": loss, "acc1": acc1, "acc1_batch": acc_batch, "emb": emb, "feat": feat.detach()}
+
+
+@torch.no_grad()
+def batch_top1(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-1 (%) of each query's own key among the batch's keys (B, dim) x (B, dim), no queue: a diagnostic.
+
+    The loss ranks the positive against the *queue*, keys of earlier steps made by an earlier key encoder. When
+    ``acc1`` is high but this is near chance (100/B), the pretext task is solved by telling this step's keys from
+    older ones (a stale queue: fast key encoder, high lr), not one image from another, and nothing stops the
+    embeddings of one batch from collapsing together."""
+    target = torch.arange(q.shape[0], device=q.device)
+    return (q.float() @ k.float().T).argmax(1).eq(target).float().mean() * 100

@@ -51,3 +51,28 @@ def test_prepare_dataset_rejects_path_traversal(tmp_path):
     with pytest.raises(ValueError, match="unsafe"):
         prepare_dataset("evil", cache_dir=str(tmp_path / "c"), data_dir=str(data))
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_balanced_subset_takes_the_first_files_of_every_class(tmp_path):
+    from smallssl.data.cache import balanced_subset
+
+    root = tmp_path / "set"
+    for split, n in (("train", 5), ("val", 3)):
+        for cls in ("a", "b"):
+            os.makedirs(root / split / cls)
+            for i in range(n if cls == "a" else 2):  # class b has fewer files than asked for: keeps them all
+                (root / split / cls / f"{i:02d}.png").write_bytes(f"{split}{cls}{i}".encode())
+    out = balanced_subset(str(root), 3, 1, cache_dir=str(tmp_path / "cache"))
+    assert os.path.basename(out) == "set-3x1"
+    assert sorted(os.listdir(os.path.join(out, "train", "a"))) == ["00.png", "01.png", "02.png"]
+    assert sorted(os.listdir(os.path.join(out, "train", "b"))) == ["00.png", "01.png"]
+    assert sorted(os.listdir(os.path.join(out, "val", "a"))) == ["00.png"]
+    assert open(os.path.join(out, "train", "a", "02.png"), "rb").read() == b"traina2"  # links to the originals
+    os.remove(os.path.join(out, "val", "a", "00.png"))
+    assert balanced_subset(str(root), 3, 1, cache_dir=str(tmp_path / "cache")) == out  # made once: not redone
+    assert not os.path.exists(os.path.join(out, "val", "a", "00.png"))
+    assert [n for n in os.listdir(tmp_path / "cache") if n.startswith(".")] == []  # no temp dir left
+    with pytest.raises(ValueError, match=">= 1"):
+        balanced_subset(str(root), 0, 1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="train"):
+        balanced_subset(str(tmp_path / "cache"), 1, 1, cache_dir=str(tmp_path / "c2"))

@@ -79,7 +79,8 @@ def test_check_batch_names_fix():
         model.check_batch(3)
 
 
-@pytest.mark.parametrize("bad", [dict(K=0), dict(m=1.0), dict(T=0.0), dict(shuffle_bn_splits=0)])
+@pytest.mark.parametrize("bad", [dict(K=0), dict(m=1.0), dict(T=0.0), dict(shuffle_bn_splits=0),
+                                 dict(queue_init="zeros")])
 def test_constructor_validates(bad):
     kwargs = dict(dim=4, K=8, m=0.9, T=0.2, shuffle_bn_splits=1) | bad
     with pytest.raises(ValueError):
@@ -128,3 +129,45 @@ def test_info_nce_by_hand_for_the_symmetric_sum():
     e1, e2, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])
     total = info_nce(e1, e1, n, 0.5) + info_nce(e2, e1, n, 0.5)
     assert total.item() == pytest.approx(math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2)), rel=1e-6)
+
+
+def test_batch_top1_tells_images_apart_not_steps():
+    from smallssl.methods.moco import batch_top1
+
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(8, 16), dim=1)
+    assert float(batch_top1(q, q)) == 100.0  # every key is its query's nearest
+    assert float(batch_top1(q, q.roll(1, 0))) == 0.0  # every query's nearest key is another image's
+    collapsed = q[:1].expand(8, -1)
+    assert float(batch_top1(collapsed, collapsed)) == pytest.approx(100 / 8)  # one batch collapsed: chance (ties -> 0)
+
+
+def test_empty_queue_trains_only_against_keys_written_so_far():
+    torch.manual_seed(0)
+    model = MoCo(create_backbone("resnet18", small_input=True), dim=4, K=8, m=0.0, T=0.2, mlp="v2",
+                 shuffle_bn_splits=1, queue_init="empty")
+    model.eval()  # BN with running stats: an image embeds the same in any batch, so the reference can recompute
+    assert torch.count_nonzero(model.queue) == 0
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    out = model([x1, x2])  # step 1: no key written yet, no negatives: nothing to learn
+    assert out["loss"].item() == 0.0 and float(out["acc1"]) == 100.0
+    out["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.encoder_q.parameters())
+    assert int(model.queue_ptr) == 2 and torch.count_nonzero(model.queue[2:]) == 0
+    written = model.queue[:2].clone()
+    y1, y2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    out = model([y1, y2])  # step 2: exactly the two keys of step 1 are the negatives
+    with torch.no_grad():
+        q, k = (F.normalize(model.encoder_q(x), dim=1) for x in (y1, y2))
+    assert out["loss"].item() == pytest.approx(info_nce(q, k, written, 0.2).item(), rel=1e-5)
+    assert not model._queue_full
+    for _ in range(3):  # 2 keys a step: written rows 4, 6, 8 = K: then the whole queue, as the random init's
+        model([torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)])
+    assert torch.count_nonzero(model.queue.norm(dim=1)) == 8 and model.negatives().shape == (8, 4)
+    assert model._queue_full
+
+
+def test_random_queue_uses_all_rows_from_the_first_step():
+    model = _moco()
+    assert model.negatives().shape == (8, 4) and model._queue_full
+    torch.testing.assert_close(model.negatives(), model.queue)
