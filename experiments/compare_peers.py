@@ -7,13 +7,18 @@ whole val split, both decoded once at ``--image-size`` by :func:`smallssl.data.m
 - **random init**: ``-a`` at random init (seed ``--seed``), for reference.
 - **smallssl**: ``main_moco.main`` with ``--smallssl-flags`` (default: the ``make demo`` recipe at 64 px, batch
   128). Its steps come from a measured step time (:func:`calibrate`: ``experiments.bench_train`` plus the
-  batched augmentation), so that the cosine schedule spans exactly ``--budget-s`` seconds of training.
+  batched augmentation), so that the cosine schedule spans about ``--budget-s`` seconds of training (measured: the
+  steps may miss it by ~10%; its ``train_s`` is the real figure, online kNN time excluded).
 - **lightly**: lightly's MoCo v2 (``lightly.loss.NTXentLoss`` with a memory bank, ``MoCoProjectionHead``,
   ``update_momentum``, ``MoCoV2Transform``), written against lightly's API after its own examples, on the same
   backbone (:func:`smallssl.backbones.create_backbone`) and the same decoded images; it trains with a constant lr
-  until ``--budget-s`` seconds have passed (or exactly ``--steps``).
+  for as many seconds as the smallssl row really trained (``--budget-s`` without that row), or exactly
+  ``--steps``.
 
-``--steps N`` replaces the wall-clock budget by N steps for both (equal steps). Needs ``pip install lightly``
+``--data`` takes a folder or a dataset name of ``../shared/data`` (unpacked into the cache); ``--per-class T V``
+uses the first T train / V val images of every class (a symlinked, class-balanced subset, e.g. CIFAR-10 at 64 px);
+``--image-size`` replaces the smallssl flags' size for all rows. ``--steps N`` replaces the wall-clock budget by
+N steps for both (equal steps). Needs ``pip install lightly``
 for the lightly row (``--peers random smallssl`` runs without it). Caltech-101 at 64 px, 180 s each::
 
     python -m experiments.compare_peers --budget-s 180 --out runs/peers
@@ -202,7 +207,9 @@ def run_smallssl(flags: list[str], data: str, out_dir: str, steps: int, n_train:
     diag = [r for r in step_log if "emb_std" in r]
     loss = epochs_log[-1]["loss"]
     collapse = moco_collapse_loss(flags)
-    row = {"steps": int(sum(r["steps"] for r in epochs_log)), "train_s": sum(r["time_s"] for r in epochs_log),
+    knn_s = sum(r.get("knn_time_s", 0.0) for r in step_log if "knn_top1" in r)  # the epochs' time_s includes it
+    row = {"steps": int(sum(r["steps"] for r in epochs_log)),
+           "train_s": sum(r["time_s"] for r in epochs_log) - knn_s, "online_knn_s": knn_s,
            "wall_s": wall, "loss": loss, "acc1": epochs_log[-1].get("acc1"), "collapse_loss": collapse,
            "collapsed": is_collapsed_loss(loss, collapse),
            "first_epoch_loss": epochs_log[0]["loss"], "first_epoch_acc1": epochs_log[0].get("acc1"),
@@ -348,8 +355,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = build_model(a.arch, pretrained=row["checkpoint"], small_input=small, seed=args.seed, verbose=False)
         record({"run": "smallssl MoCo", "calibrated_s_per_step": per_step, **row, **knn_of(model, sets)})
     if "lightly" in args.peers:
+        # the same seconds of training as the smallssl row really had (its steps come from a measured step time,
+        # which may miss --budget-s by ~10%), or --budget-s without that row
+        ours = [r for r in rows if r["run"] == "smallssl MoCo"]
+        budget_s = ours[0]["train_s"] if ours and not args.steps else args.budget_s
         row, backbone = run_lightly(sets[0][0], arch=a.arch, small_input=small, image_size=a.image_size,
-                                    batch_size=a.batch_size, budget_s=args.budget_s, steps=args.steps,
+                                    batch_size=a.batch_size, budget_s=budget_s, steps=args.steps,
                                     K=args.lightly_k, m=args.lightly_m, T=args.lightly_t, hidden=args.lightly_hidden,
                                     lr=args.lightly_lr, wd=args.lightly_wd, blur=args.lightly_blur,
                                     workers=args.workers, seed=args.seed)

@@ -3,6 +3,7 @@ installed: it is an optional peer, never needed by the test suite)."""
 
 import importlib.util
 import math
+import os
 import shlex
 
 import pytest
@@ -115,3 +116,16 @@ def test_lightly_half_trains_the_steps(tiny_data, monkeypatch, tmp_path):
     assert row["steps"] == 3 and math.isfinite(row["loss"]) and row["collapse_loss"] == pytest.approx(math.log(17))
     assert not backbone.training
     assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), backbone.state_dict().values()))
+
+
+def test_resolve_data_takes_a_folder_or_a_class_balanced_subset(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMALLSSL_CACHE", str(tmp_path / "cache"))
+    assert compare_peers.resolve_data(tiny_data) == tiny_data
+    sub = compare_peers.resolve_data(tiny_data, [3, 2])
+    counts = {split: sorted(len(os.listdir(os.path.join(sub, split, c))) for c in os.listdir(os.path.join(sub, split)))
+              for split in ("train", "val")}
+    assert counts == {"train": [3, 3], "val": [2, 2]}
+    x, y = compare_peers.eval_sets(sub, 16)[0]
+    assert x.shape == (6, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(FileNotFoundError, match="no tarball"):
+        compare_peers.resolve_data("no-such-set")
