@@ -17,7 +17,6 @@ Prints a Markdown table and writes ``OUT/results.json`` (one JSON object per row
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -30,10 +29,16 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import main_moco  # noqa: E402
-from eval.features import build_model  # noqa: E402
-from experiments.compare_peers import BASELINE, calibrate, eval_sets, knn_of, run_smallssl, symmetric_loss_scale  # noqa: E402
+from experiments.compare_peers import (  # noqa: E402
+    BASELINE,
+    eval_sets,
+    knn_of,
+    record,
+    resolve_data,
+    score_smallssl,
+    symmetric_loss_scale,
+)
 from smallssl.backbones import create_backbone  # noqa: E402
-from smallssl.data.cache import prepare_dataset  # noqa: E402
 from smallssl.errors import run_cli  # noqa: E402
 
 # name -> (what changes, flags appended to BASELINE; argparse keeps the last value of a repeated flag)
@@ -57,7 +62,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("ablate_moco", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: cached Caltech-101)")
+    p.add_argument("--data", default="caltech101",
+                   help="ImageFolder root with train/ and val/, or a dataset name of ../shared/data (caltech101, "
+                        "cifar10, cifar100) unpacked into the cache")
     p.add_argument("--only", nargs="+", default=["random", *ABLATIONS], choices=["random", "random-small", *ABLATIONS],
                    help="rows to run, in this order (random / random-small: random init, ImageNet / CIFAR stem)")
     p.add_argument("--extra", default="", help="flags appended to every trained row (after the ablation's)")
@@ -115,11 +122,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.budget_s <= 0 and args.steps <= 0:
         raise ValueError("give a training budget: --budget-s S > 0 or --steps N > 0")
     torch.set_num_threads(args.threads)
-    data = args.data or prepare_dataset("caltech101")
+    data = resolve_data(args.data)
     base = main_moco.get_args_parser().parse_args(["unused", *BASELINE, *shlex.split(args.extra)])
     os.makedirs(args.out, exist_ok=True)
     sets = eval_sets(data, base.image_size)
-    n_train = len(sets[0][1])
     rows: list[dict] = []
     for name in args.only:
         if name in ("random", "random-small"):
@@ -129,23 +135,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    **knn_of(create_backbone(base.arch, small_input=small).eval(), sets)}
         else:
             flags = ablation_flags(name, args.extra)
-            a = main_moco.get_args_parser().parse_args(["unused", *flags])
-            steps, per_step = (args.steps, None) if args.steps > 0 else calibrate(flags, args.budget_s,
-                                                                                    steps=args.calib_steps, warmup=1)
-            print(f"=> {name}: {steps} steps" + (f" ({per_step:.2f} s/step measured)" if per_step else ""), flush=True)
-            row = run_smallssl(flags, data, os.path.join(args.out, name), steps, n_train, seed=args.seed,
-                               print_freq=args.print_freq, knn_every=args.knn_every,
-                               knn_bank_per_class=args.knn_bank_per_class, knn_val_per_class=args.knn_val_per_class)
-            model = build_model(a.arch, pretrained=row["checkpoint"], small_input=main_moco.small_input(a),
-                                seed=args.seed, verbose=False)
-            row = {"run": f"{name}: {ABLATIONS[name][0]}", "ablation": name, "calibrated_s_per_step": per_step, **row,
+            row = score_smallssl(flags, data, os.path.join(args.out, name), sets, steps=args.steps,
+                                 budget_s=args.budget_s, calib_steps=args.calib_steps, calib_warmup=1, seed=args.seed,
+                                 print_freq=args.print_freq, knn_every=args.knn_every,
+                                 knn_bank_per_class=args.knn_bank_per_class, knn_val_per_class=args.knn_val_per_class)
+            k = main_moco.get_args_parser().parse_args(["unused", *flags]).moco_k
+            row = {"run": f"{name}: {ABLATIONS[name][0]}", "ablation": name, **row,
                    "loss_dir": per_direction(row["loss"], flags),
-                   "loss_dir_first": per_direction(row["first_epoch_loss"], flags),
-                   "ln_k1": math.log(a.moco_k + 1), **knn_of(model, sets)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+                   "loss_dir_first": per_direction(row["first_epoch_loss"], flags), "ln_k1": math.log(k + 1)}
+        record(rows, row, args.out)
     print("\n" + table(rows))
     return rows
 

@@ -223,6 +223,29 @@ def run_smallssl(flags: list[str], data: str, out_dir: str, steps: int, n_train:
     return row
 
 
+def score_smallssl(flags: list[str], data: str, out_dir: str, sets: list[tuple[torch.Tensor, torch.Tensor]], *,
+                   steps: int, budget_s: float, calib_steps: int = 3, calib_warmup: int = 2, seed: int = 0,
+                   **run_kwargs) -> dict:
+    """:func:`run_smallssl` for ``steps`` steps (or the steps :func:`calibrate` fits in ``budget_s`` when 0), then
+    the kNN of its backbone on ``sets``: the row's figures with ``calibrated_s_per_step``."""
+    steps, per_step = (steps, None) if steps > 0 else calibrate(flags, budget_s, steps=calib_steps,
+                                                                warmup=calib_warmup)
+    print(f"=> {out_dir}: {steps} steps" + (f" ({per_step:.2f} s/step measured)" if per_step else ""), flush=True)
+    row = run_smallssl(flags, data, out_dir, steps, len(sets[0][1]), seed=seed, **run_kwargs)
+    a = main_moco.get_args_parser().parse_args(["unused", *flags])
+    model = build_model(a.arch, pretrained=row["checkpoint"], small_input=main_moco.small_input(a), seed=seed,
+                        verbose=False)
+    return {"calibrated_s_per_step": per_step, **row, **knn_of(model, sets)}
+
+
+def record(rows: list[dict], row: dict, out_dir: str) -> None:
+    """Append ``row``, print it as JSON and rewrite ``out_dir/results.json`` (so a stopped run keeps its rows)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 # ------------------------------------------------------------------------------------------ lightly
 class _PILViews(torch.utils.data.Dataset):
     """The decoded uint8 images as PIL images through a two-view transform (lightly's ``MoCoV2Transform``)."""
@@ -335,38 +358,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     small = main_moco.small_input(a)
     os.makedirs(args.out, exist_ok=True)
     sets = eval_sets(data, a.image_size)
-    n_train = len(sets[0][1])
     rows: list[dict] = []
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-
     if "random" in args.peers:
         torch.manual_seed(args.seed)
-        record({"run": f"random init ({a.arch})", **knn_of(create_backbone(a.arch, small_input=small).eval(), sets)})
+        record(rows, {"run": f"random init ({a.arch})",
+                      **knn_of(create_backbone(a.arch, small_input=small).eval(), sets)}, args.out)
+    # lightly trains for the seconds the smallssl row really trained (its steps come from a measured step time,
+    # which may miss --budget-s by ~10%), or --budget-s without that row
+    lightly_s = args.budget_s
     if "smallssl" in args.peers:
-        steps, per_step = (args.steps, None) if args.steps > 0 else calibrate(flags, args.budget_s)
-        row = run_smallssl(flags, data, os.path.join(args.out, "smallssl"), steps, n_train, seed=args.seed,
-                           print_freq=args.print_freq, knn_every=args.knn_every,
-                           knn_bank_per_class=args.knn_bank_per_class, knn_val_per_class=args.knn_val_per_class)
-        model = build_model(a.arch, pretrained=row["checkpoint"], small_input=small, seed=args.seed, verbose=False)
-        record({"run": "smallssl MoCo", "calibrated_s_per_step": per_step, **row, **knn_of(model, sets)})
+        row = score_smallssl(flags, data, os.path.join(args.out, "smallssl"), sets, steps=args.steps,
+                             budget_s=args.budget_s, seed=args.seed, print_freq=args.print_freq,
+                             knn_every=args.knn_every, knn_bank_per_class=args.knn_bank_per_class,
+                             knn_val_per_class=args.knn_val_per_class)
+        record(rows, {"run": "smallssl MoCo", **row}, args.out)
+        lightly_s = row["train_s"]
     if "lightly" in args.peers:
-        # the same seconds of training as the smallssl row really had (its steps come from a measured step time,
-        # which may miss --budget-s by ~10%), or --budget-s without that row
-        ours = [r for r in rows if r["run"] == "smallssl MoCo"]
-        budget_s = ours[0]["train_s"] if ours and not args.steps else args.budget_s
         row, backbone = run_lightly(sets[0][0], arch=a.arch, small_input=small, image_size=a.image_size,
-                                    batch_size=a.batch_size, budget_s=budget_s, steps=args.steps,
+                                    batch_size=a.batch_size, budget_s=lightly_s, steps=args.steps,
                                     K=args.lightly_k, m=args.lightly_m, T=args.lightly_t, hidden=args.lightly_hidden,
                                     lr=args.lightly_lr, wd=args.lightly_wd, blur=args.lightly_blur,
                                     workers=args.workers, seed=args.seed)
         import lightly
 
-        record({"run": f"lightly {lightly.__version__} MoCo v2", **row, **knn_of(backbone, sets)})
+        record(rows, {"run": f"lightly {lightly.__version__} MoCo v2", **row, **knn_of(backbone, sets)}, args.out)
     print("\n" + markdown_table(rows))
     return rows
 

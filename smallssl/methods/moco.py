@@ -163,16 +163,16 @@ class MoCo(SSLMethod):
             k2 = self._keys(x_q).float() if self.symmetric else None
         queue = self.negatives()
         loss, acc1 = self._loss(q, k, queue)
+        acc_batch = batch_top1(q.detach(), k)
         if self.symmetric:
             loss2, acc2 = self._loss(q2, k2, queue)
+            acc_batch = 0.5 * (acc_batch + batch_top1(q2.detach(), k2))
             # MoCo's CIFAR-10 demo: the sum of both directions (not their mean). Both views' keys enter (and later
             # leave) the queue in the same step, so the queue holds the same set of keys as the demo's
             # cat([k1, k2]); the order inside the block only changes float summation order, and is kept as the
             # `make demo` recipe was measured with (view 2's keys first) so its figures reproduce bit for bit.
             loss, acc1 = loss + loss2, 0.5 * (acc1 + acc2)
             k = torch.cat([k, k2])
-        acc_batch = batch_top1(q.detach(), k[:q.shape[0]]) if not self.symmetric else 0.5 * (
-            batch_top1(q.detach(), k[:q.shape[0]]) + batch_top1(q2.detach(), k[q.shape[0]:]))
         self.enqueue(sdist.all_gather_cat(k))
         emb = [q.detach()] + ([q2.detach()] if self.symmetric else [])
         return {"loss": loss, "acc1": acc1, "acc1_batch": acc_batch, "emb": emb, "feat": feat.detach()}
