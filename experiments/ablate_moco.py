@@ -33,10 +33,10 @@ from experiments.compare_peers import (  # noqa: E402
     BASELINE,
     eval_sets,
     knn_of,
+    moco_collapse_loss,
     record,
     resolve_data,
     score_smallssl,
-    symmetric_loss_scale,
 )
 from smallssl.backbones import create_backbone  # noqa: E402
 from smallssl.errors import run_cli  # noqa: E402
@@ -89,9 +89,9 @@ def ablation_flags(name: str, extra: str = "") -> list[str]:
 
 
 def per_direction(loss: float | None, flags: list[str]) -> float | None:
-    """The loss of one direction (the symmetric MoCo loss may add up its two InfoNCE terms: measured)."""
+    """The loss of one direction (the summed symmetric MoCo loss adds up two InfoNCE terms)."""
     a = main_moco.get_args_parser().parse_args(["unused", *flags])
-    return None if loss is None else loss / round(symmetric_loss_scale(a.moco_symmetric), 6)
+    return None if loss is None else loss * math.log(a.moco_k + 1) / moco_collapse_loss(flags)
 
 
 def table(rows: list[dict]) -> str:

@@ -53,7 +53,7 @@ from smallssl.backbones import create_backbone  # noqa: E402
 from smallssl.data.batch_aug import BatchAugment  # noqa: E402
 from smallssl.data.cache import balanced_subset, default_cache_dir, prepare_dataset  # noqa: E402
 from smallssl.data.memdata import NormalizedImages, load_images  # noqa: E402
-from smallssl.diagnostics import is_collapsed_loss  # noqa: E402
+from smallssl.diagnostics import collapse_value, is_collapsed_loss  # noqa: E402
 from smallssl.errors import run_cli  # noqa: E402
 from smallssl.logging import read_jsonl  # noqa: E402
 
@@ -181,10 +181,10 @@ def symmetric_loss_scale(symmetric: bool) -> float:
 
 
 def moco_collapse_loss(flags: list[str]) -> float:
-    """The loss ``main_moco`` reports when every logit is equal: ln(K+1) per direction, times the number of
-    directions the symmetric loss adds up (:func:`symmetric_loss_scale`)."""
+    """The loss ``main_moco`` reports when every logit is equal: :func:`smallssl.diagnostics.collapse_value`
+    (ln(K+1) per direction, twice that for the summed symmetric loss; :func:`symmetric_loss_scale` measures it)."""
     a = main_moco.get_args_parser().parse_args(["unused", *flags])
-    return round(symmetric_loss_scale(a.moco_symmetric), 6) * math.log(a.moco_k + 1)
+    return collapse_value("moco", K=a.moco_k, symmetric=a.moco_symmetric)
 
 
 def run_smallssl(flags: list[str], data: str, out_dir: str, steps: int, n_train: int, *, seed: int = 0,
