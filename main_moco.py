@@ -37,6 +37,7 @@ from eval.online import OnlineKNN
 from smallssl import dist as sdist
 from smallssl import preempt
 from smallssl.backbones import BACKBONES, check_arch, create_backbone, default_small_input
+from smallssl.backbones.small_map_conv import use_matmul_weight_grad
 from smallssl.checkpoints import build_teacher, latest_checkpoint
 from smallssl.checkpoints.io import remove_orphan_temps
 from smallssl.checkpoints.lock import RunLock
@@ -121,6 +122,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--conv-wgrad", default="auto", choices=["auto", "native"],
+                   help="auto: on CPU, convolutions whose output map is <= 2x2 take their weight gradient as an "
+                        "im2col matmul (oneDNN's is up to 18x slower there; smallssl.backbones.small_map_conv); "
+                        "native: always torch's own")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, fp32 matmuls (and the fused loss kernels) use TF32 tensor cores (~8x the fp32 "
                         "rate on A100/H100, 10-bit mantissa inputs); --no-tf32 keeps full fp32")
@@ -349,7 +354,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
     torch.manual_seed(args.seed)  # same on every rank: identical init and queue
     random.seed(args.seed)
 
-    method = build_method(args, create_backbone(args.arch, small_input=small_input(args)))
+    method = build_method(args, build_backbone(args))
     method.check_batch(batch * world)
     method.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if args.activation_checkpointing or args.fsdp:
@@ -543,6 +548,15 @@ def build_online_knn(args: argparse.Namespace, device: torch.device, verbose: bo
 def small_input(args: argparse.Namespace) -> bool:
     """``--small-input``, or by default the CIFAR stem for images of at most 64 px."""
     return default_small_input(args.image_size) if args.small_input is None else args.small_input
+
+
+def build_backbone(args: argparse.Namespace) -> nn.Module:
+    """``-a`` with the stem ``small_input`` picks; ``--conv-wgrad auto`` switches its convolutions to the CPU
+    small-map weight gradient (a no-op for CUDA tensors, same parameters and state_dict)."""
+    backbone = create_backbone(args.arch, small_input=small_input(args))
+    if args.conv_wgrad == "auto":
+        use_matmul_weight_grad(backbone)
+    return backbone
 
 
 def build_method(args: argparse.Namespace, backbone: nn.Module) -> nn.Module:

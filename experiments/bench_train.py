@@ -16,7 +16,6 @@ import time
 import torch
 
 import main_moco
-from smallssl.backbones import create_backbone
 from smallssl.errors import run_cli
 from smallssl.optim import build_optimizer, param_groups
 
@@ -27,7 +26,7 @@ def bench(arch: str, batch_size: int, image_size: int, steps: int, warmup: int, 
         ["unused", "-a", arch, "--moco-k", str(max(4096 // batch_size, 1) * batch_size), *extra])
     args.image_size = image_size
     dev = torch.device(device)
-    model = main_moco.build_method(args, create_backbone(arch, small_input=main_moco.small_input(args)))
+    model = main_moco.build_method(args, main_moco.build_backbone(args))
     mf = torch.channels_last if channels_last else torch.contiguous_format
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     opt = build_optimizer("sgd", param_groups(model, 1e-4), lr=0.03)
