@@ -46,6 +46,11 @@ from .base import SSLMethod
 QUEUE_INITS = ("random", "empty")
 
 
+def _recheck_queue(module: nn.Module, incompatible_keys) -> None:
+    """A loaded queue may be partly empty even if this model's was full: decide again at the next step."""
+    module._queue_full = False
+
+
 class MoCo(SSLMethod):
     """MoCo with a queue of negatives and a momentum key encoder.
 
@@ -84,7 +89,8 @@ class MoCo(SSLMethod):
         # leaves out until keys have been written there (see negatives())
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1) if queue_init == "random"
                              else torch.zeros(K, dim))
-        self._queue_full = False  # decided from the buffer at the first step, so also for a loaded queue
+        self._queue_full = False  # decided from the buffer at the next step, also after load_state_dict
+        self.register_load_state_dict_post_hook(_recheck_queue)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def check_batch(self, global_batch: int) -> None:

@@ -165,6 +165,11 @@ def test_empty_queue_trains_only_against_keys_written_so_far():
         model([torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)])
     assert torch.count_nonzero(model.queue.norm(dim=1)) == 8 and model.negatives().shape == (8, 4)
     assert model._queue_full
+    # a partly filled queue loaded into this model (which has seen a full one): only its written rows again
+    state = model.state_dict()
+    state["queue"] = torch.cat([written, torch.zeros(6, 4)])
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.negatives(), written)
 
 
 def test_random_queue_uses_all_rows_from_the_first_step():
