@@ -36,7 +36,7 @@ if REPO not in sys.path:
 import main_moco  # noqa: E402
 from eval.features import build_model, extract_features, subsample_per_class  # noqa: E402
 from eval.knn import dino_knn  # noqa: E402
-from experiments.bench_train import bench  # noqa: E402
+from experiments.compare_peers import calibrate, plan_budget  # noqa: E402
 from smallssl.data.cache import default_cache_dir, prepare_dataset  # noqa: E402
 from smallssl.data.memdata import NormalizedImages, load_images  # noqa: E402
 from smallssl.diagnostics import collapse_value, is_collapsed_loss  # noqa: E402
@@ -89,17 +89,9 @@ def method_flags(args, method: str) -> list[str]:
 
 def budget_steps(args, method: str) -> tuple[int, float]:
     """(steps that fit ``args.budget_s``, measured seconds per step incl. augmenting two views)."""
-    from smallssl.data.batch_aug import BatchAugment
-
-    stem = ["--small-input" if args.small_input else "--no-small-input"]
-    r = bench(args.arch, args.batch_size, args.image_size, steps=3, warmup=2, device="cpu", amp="none",
-              channels_last=False, extra=[*stem, *method_flags(args, method)])
-    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    aug, t0 = BatchAugment(size=args.image_size), time.perf_counter()
-    for _ in range(3):
-        aug(x), aug(x)
-    per_step = r["ms_per_step"] / 1000 + (time.perf_counter() - t0) / 3
-    return max(1, int(args.budget_s / per_step)), per_step
+    stem = "--small-input" if args.small_input else "--no-small-input"
+    return calibrate(["-a", args.arch, "-b", str(args.batch_size), "--image-size", str(args.image_size), stem,
+                      *method_flags(args, method)], args.budget_s)
 
 
 def train_command(args, method: str, ckpt_dir: str, data: str, subset: int, epochs: int) -> list[str]:
@@ -149,8 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         subset, epochs, per_step = args.subset, args.epochs, None
         if args.budget_s > 0:
             steps, per_step = budget_steps(args, method)
-            epochs = -(-steps * args.batch_size // n_train)  # several passes when the budget exceeds the set
-            subset = steps // epochs * args.batch_size
+            epochs, subset = plan_budget(steps, args.batch_size, n_train)  # several passes when the set is small
             print(f"=> {method}: {per_step * 1000:.0f} ms/step measured -> {steps} steps in {args.budget_s:.0f} s",
                   flush=True)
         argv_m = train_command(args, method, ckpt_dir, data, subset, epochs)
