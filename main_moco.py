@@ -398,6 +398,9 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
         return path
 
     status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
+    if loop.knn is not None and step == 0 and start_epoch < args.epochs:
+        online_knn(method, loop, 0, start_epoch)  # the random-init reference, on the same protocol and images
+        loop.last_knn = None  # not an epoch's figure
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch, start_iter)
         method.set_epoch(epoch)

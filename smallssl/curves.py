@@ -1,12 +1,13 @@
-"""Training curves of one or several runs: loss, lr, kNN top-1, effective rank and embedding std against step.
+"""Training curves of one or several runs: loss, lr, kNN top-1, pretext top-1, effective rank and embedding std
+against step.
 
 ``python -m experiments.plot CKPT_DIR [CKPT_DIR ...] --out curves.png`` draws them; ``main_moco.py`` calls
 :func:`write_curves` at each checkpoint (``CKPT_DIR/curves.png``).
 
 Each run directory's ``steps.jsonl`` (per-print-step records, ``RunLogger.log_step``) and ``log.jsonl``
 (per-epoch and other records, ``RunLogger.log``) hold one JSON record per line; both are read. Every record that
-carries a numeric ``step`` adds a point to each series whose key it has (``loss``, ``lr``, ``knn_top1``,
-``knn_top5``, ``emb_rank``, ``feat_rank``, ``emb_std``, ``emb_std_ref``); other keys are ignored. Per-epoch
+carries a numeric ``step`` adds a point to each series whose key it has (:data:`SERIES_KEYS`); other keys are
+ignored. Per-epoch
 summaries (records with ``time_s``, as ``main_moco.py`` writes at each epoch's end, or ``"kind": "epoch"``) are
 used for a series only when no finer record has that key, so a mean over the epoch is not drawn into a per-step
 curve. A step logged twice keeps its last value. Lines that are not valid JSON (a line being written while we read)
@@ -25,14 +26,17 @@ from dataclasses import dataclass, field
 
 from .logging import read_jsonl
 
-SERIES_KEYS = ("loss", "lr", "knn_top1", "knn_top5", "emb_rank", "feat_rank", "emb_std", "emb_std_ref")
+SERIES_KEYS = ("loss", "lr", "knn_top1", "acc1", "acc1_batch", "emb_rank", "feat_rank", "emb_std", "emb_std_ref")
 
 # (title, y label, solid series, dashed series, legend names of solid / dashed, log-scale y when the values span a
 # decade). Linear lr: a cosine schedule ends at 0 and reads best linear; log std: a collapse takes it down by decades.
+# kNN top-1 has a panel of its own: drawn beside top-5 (~40 points higher) its few-point rise looked flat; top-5
+# stays in the logs. The online kNN at step 0 is the random-init network: a dotted line marks it.
 PANELS: list[tuple[str, str, str, str | None, tuple[str, str], bool]] = [
     ("training loss", "loss (nats)", "loss", None, ("", ""), False),
     ("learning rate", "lr", "lr", None, ("", ""), False),
-    ("online kNN accuracy", "accuracy (%)", "knn_top1", "knn_top5", ("top-1", "top-5"), False),
+    ("online kNN top-1", "kNN top-1 (%)", "knn_top1", None, ("", ""), False),
+    ("pretext top-1", "top-1 (%)", "acc1", "acc1_batch", ("among all keys (queue)", "among the batch's keys"), False),
     ("effective rank (RankMe)", "effective rank", "emb_rank", "feat_rank", ("embeddings", "backbone features"), False),
     ("embedding std (L2-normalised rows)", "mean per-dim std", "emb_std", None, ("", ""), True),
 ]
@@ -149,6 +153,9 @@ def render(runs: list[Run], out_path: str, title: str | None = None) -> bool:
                 ax.plot(steps, values, color=color, ls="--", lw=1.2, alpha=0.8,
                         marker="o" if len(steps) < 30 else None, ms=3,
                         label=None if solid in run.series else f"{label} ({dashed})")
+            if solid == "knn_top1" and run.series.get("knn_top1", ([None],))[0][0] == 0:
+                ax.axhline(run.series["knn_top1"][1][0], color=color, ls=":", lw=1.2)
+                extra = [Line2D([], [], color="gray", ls=":", label="step 0: random init")]
             if solid == "emb_std" and "emb_std_ref" in run.series:
                 ax.axhline(run.series["emb_std_ref"][1][-1], color=color, ls=":", lw=1.2)
                 if not extra:

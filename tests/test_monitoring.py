@@ -32,11 +32,11 @@ def test_online_knn_is_logged_and_leaves_training_unchanged(tiny_data, tmp_path)
         assert torch.equal(a[k], b[k]), k
     steps = read_jsonl(str(tmp_path / "knn" / "steps.jsonl"))
     knn = [s for s in steps if "knn_top1" in s]
-    assert [s["knn_step"] for s in knn] == [2, 4, 6, 8]  # every half epoch of 4 steps
+    assert [s["knn_step"] for s in knn] == [0, 2, 4, 6, 8]  # random init, then every half epoch of 4 steps
     assert all(s["knn_bank"] == 32 and s["knn_queries"] == 4 and s["knn_k"] == 20 for s in knn)
     assert all(0 <= s["knn_top1"] <= s["knn_top5"] <= 100 and s["knn_time_s"] > 0 for s in knn)
     epochs = read_jsonl(str(tmp_path / "knn" / "log.jsonl"))
-    assert [e["knn_step"] for e in epochs] == [4, 8]  # each epoch line carries its last evaluation
+    assert [e["knn_step"] for e in epochs] == [4, 8]  # each epoch line carries its last evaluation (not step 0)
     assert "kNN top-1" in r.stdout
     printed = [s for s in steps if "loss" in s]
     assert printed and all("emb_std" in s and "lr" in s for s in printed)  # diagnostics every print step
