@@ -1,6 +1,6 @@
 """One factor at a time from the short-budget MoCo baseline that falls below random init (Caltech-101, 64 px).
 
-The baseline is :data:`experiments.compare_peers.BASELINE` (the ``make demo`` recipe at 64 px, batch 128: the
+The baseline is :data:`experiments.compare_peers.BASELINE` (the first ``make demo`` recipe at 64 px, batch 128: the
 summed symmetric loss at lr 0.01 / wd 1e-3 cosine, i.e. the average at lr 0.02 / wd 5e-4; K=512, m=0.9, T=0.2,
 MoCo v2 head, ResNet-18 ImageNet stem, ``--batch-aug``). Each row adds the flags of one entry of
 :data:`ABLATIONS` and trains for the same measured wall clock (``--budget-s``; steps from

@@ -49,7 +49,8 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "byol": ["--byol-m", "0.99", "--byol-dim", "256", "--byol-hidden", "4096"],
     "simsiam": ["--simsiam-dim", "2048", "--simsiam-pred-dim", "512", "--simsiam-proj-layers", "2"],
     "barlow": ["--barlow-proj", "2048-2048-2048", "--barlow-lambda", "5e-3"],
-    # the `make demo` recipe (tuned for short CPU budgets: symmetric loss, small fresh queue, low lr)
+    # the first `make demo` recipe (tuned for short CPU budgets: symmetric loss, small fresh queue, low lr;
+    # today's demo adds m 0.99, the empty initial queue and the wide_bn head)
     "moco-demo": ["--method", "moco", "--mlp", "--moco-dim", "128", "--moco-t", "0.2", "--moco-m", "0.9",
                   "--moco-k", "512", "--moco-symmetric", "--lr", "0.01", "--wd", "1e-3"],
 }

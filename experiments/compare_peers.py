@@ -5,8 +5,8 @@ Rows of the table, each scored by DINO's weighted kNN (cosine, k=20, T=0.07; :fu
 whole val split, both decoded once at ``--image-size`` by :func:`smallssl.data.memdata.load_images`):
 
 - **random init**: ``-a`` at random init (seed ``--seed``), for reference.
-- **smallssl**: ``main_moco.main`` with ``--smallssl-flags`` (default: the ``make demo`` recipe at 64 px, batch
-  128). Its steps come from a measured step time (:func:`calibrate`: ``experiments.bench_train`` plus the
+- **smallssl**: ``main_moco.main`` with ``--smallssl-flags`` (default: the first ``make demo`` recipe at 64 px,
+  batch 128). Its steps come from a measured step time (:func:`calibrate`: ``experiments.bench_train`` plus the
   batched augmentation), so that the cosine schedule spans about ``--budget-s`` seconds of training (measured: the
   steps may miss it by ~10%; its ``train_s`` is the real figure, online kNN time excluded).
 - **lightly**: lightly's MoCo v2 (``lightly.loss.NTXentLoss`` with a memory bank, ``MoCoProjectionHead``,
@@ -57,7 +57,7 @@ from smallssl.diagnostics import collapse_value, is_collapsed_loss  # noqa: E402
 from smallssl.errors import run_cli  # noqa: E402
 from smallssl.logging import read_jsonl  # noqa: E402
 
-# The `make demo` recipe (tuned on CIFAR-10 at 32 px) as a new user runs it at 64 px with batch 128: the short-
+# The first `make demo` recipe (tuned on CIFAR-10 at 32 px) as a new user runs it at 64 px with batch 128: the short-
 # budget baseline that falls below random init on Caltech-101 at 64 px. The symmetric loss is the sum of both
 # directions, so lr 0.01 / wd 1e-3 here make the same SGD updates as the average at lr 0.02 / wd 5e-4.
 BASELINE = ["-a", "resnet18", "--no-small-input", "--image-size", "64", "-b", "128", "--batch-aug", "--lr", "0.01",
