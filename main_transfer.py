@@ -27,6 +27,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from eval import cli
 from eval.linear import Classifier, add_optim_args, linear_probe_features, train_classifier
+from smallssl.backbones.small_map_conv import use_matmul_weight_grad
 from smallssl.data.cache import prepare_dataset
 from smallssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from smallssl.errors import run_cli
@@ -112,6 +113,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         aug = "precomputed features, no augmentation"
     else:
         train, val, num_classes = build_datasets(root, dataset, train_tf, eval_transform(size))
+        if args.finetune:  # the backbone trains: on CPU, tiny maps take the matmul weight gradient (as main_moco)
+            use_matmul_weight_grad(em.model)
         model = Classifier(em.model, num_classes, normalize=True, frozen=not args.finetune).to(em.device)
         g = torch.Generator().manual_seed(args.seed)
         tl = DataLoader(train, args.batch_size, shuffle=True, num_workers=args.workers, generator=g)
