@@ -94,7 +94,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="lars = SwAV/SEER's LARC on every parameter; lars-exclude-bn = SimCLR/BYOL's LARS without "
                         "biases and norm weights (no LARS adaptation, no weight decay for them)")
-    p.add_argument("-p", "--print-freq", default=10, type=int)
+    p.add_argument("-p", "--print-freq", default=10, type=int,
+                   help="log the step values (steps.jsonl, progress bar, collapse check) after every N steps and at "
+                        "the end of each epoch")
     p.add_argument("--seed", default=0, type=int)
     # checkpoints
     p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoint_NNNN.pth.tar and log.jsonl go")
@@ -124,7 +126,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--conv-wgrad", default="auto", choices=["auto", "native"],
                    help="auto: on CPU, convolutions whose output map is <= 2x2 take their weight gradient as an "
-                        "im2col matmul (oneDNN's is up to 18x slower there; smallssl.backbones.small_map_conv); "
+                        "im2col matmul (oneDNN's is up to ~10x slower there; smallssl.backbones.small_map_conv); "
                         "native: always torch's own")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, fp32 matmuls (and the fused loss kernels) use TF32 tensor cores (~8x the fp32 "
@@ -398,8 +400,9 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
         return path
 
     status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
-    if loop.knn is not None and step == 0 and start_epoch < args.epochs:
-        online_knn(method, loop, 0, start_epoch)  # the random-init reference, on the same protocol and images
+    # before the first step of a fresh run (or a --restart): the reference of the weights training starts from
+    if loop.knn is not None and (not resumed or mode == "restart") and step == 0 and start_epoch < args.epochs:
+        online_knn(method, loop, 0, start_epoch)  # on the same protocol and images as the later ones
         loop.last_knn = None  # not an epoch's figure
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch, start_iter)
@@ -454,7 +457,8 @@ def train_one_epoch(model: nn.Module, method: nn.Module, loader, optimizer, scal
         step, n_steps, n_images = step + 1, n_steps + 1, n_images + views[0].shape[0] * sdist.get_world_size()
         for k, v in _scalars(out).items():  # every scalar the method reports (loss, acc1, std, tau...) is averaged
             sums[k] = sums.get(k, 0.0) + v
-        observe(method, loop, out, step, epoch, lr, bar, print_now=i % loop.print_freq == 0)
+        print_now = (i + 1) % loop.print_freq == 0 or i + 1 == loop.steps_per_epoch  # after N steps, at epoch end
+        observe(method, loop, out, step, epoch, lr, bar, print_now=print_now)
         bar.update(1)
         if stop and i + 1 < loop.steps_per_epoch:
             bar.close()
@@ -745,6 +749,10 @@ def _validate_scale_args(args) -> None:
                          "checkpoint (python -m smallssl.convert) and resume a sharded run")
     if args.amp == "fp16":
         raise ValueError("--fsdp computes in bf16 (--amp bf16) or fp32 (--amp none), not fp16")
+    if args.knn_every:  # the backbone's shards would have to be gathered (or run through the FSDP root) first
+        raise ValueError("--knn-every with --fsdp is not supported: the online kNN calls the backbone outside the "
+                         "FSDP root's forward. Drop --knn-every and run python -m eval.knn on a consolidated "
+                         "checkpoint (python -m smallssl.convert dcp2consolidated CKPT_DIR/checkpoint_NNNN OUT.pth)")
 
 
 def _setup_fsdp(method: nn.Module, args) -> None:

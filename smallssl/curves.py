@@ -31,7 +31,8 @@ SERIES_KEYS = ("loss", "lr", "knn_top1", "acc1", "acc1_batch", "emb_rank", "feat
 # (title, y label, solid series, dashed series, legend names of solid / dashed, log-scale y when the values span a
 # decade). Linear lr: a cosine schedule ends at 0 and reads best linear; log std: a collapse takes it down by decades.
 # kNN top-1 has a panel of its own: drawn beside top-5 (~40 points higher) its few-point rise looked flat; top-5
-# stays in the logs. The online kNN at step 0 is the random-init network: a dotted line marks it.
+# stays in the logs. The online kNN at step 0 is the network before training (random init unless --restart): a
+# dotted line marks it.
 PANELS: list[tuple[str, str, str, str | None, tuple[str, str], bool]] = [
     ("training loss", "loss (nats)", "loss", None, ("", ""), False),
     ("learning rate", "lr", "lr", None, ("", ""), False),
@@ -155,7 +156,7 @@ def render(runs: list[Run], out_path: str, title: str | None = None) -> bool:
                         label=None if solid in run.series else f"{label} ({dashed})")
             if solid == "knn_top1" and run.series.get("knn_top1", ([None],))[0][0] == 0:
                 ax.axhline(run.series["knn_top1"][1][0], color=color, ls=":", lw=1.2)
-                extra = [Line2D([], [], color="gray", ls=":", label="step 0: random init")]
+                extra = [Line2D([], [], color="gray", ls=":", label="step 0: before training")]
             if solid == "emb_std" and "emb_std_ref" in run.series:
                 ax.axhline(run.series["emb_std_ref"][1][-1], color=color, ls=":", lw=1.2)
                 if not extra:

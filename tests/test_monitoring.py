@@ -39,7 +39,8 @@ def test_online_knn_is_logged_and_leaves_training_unchanged(tiny_data, tmp_path)
     assert [e["knn_step"] for e in epochs] == [4, 8]  # each epoch line carries its last evaluation (not step 0)
     assert "kNN top-1" in r.stdout
     printed = [s for s in steps if "loss" in s]
-    assert printed and all("emb_std" in s and "lr" in s for s in printed)  # diagnostics every print step
+    assert all("emb_std" in s and "lr" in s for s in printed)  # diagnostics every print step
+    assert [s["step"] for s in printed] == [4, 8]  # after every 10 steps (-p 10) and at each epoch's end (4 steps)
 
 
 def test_a_collapsing_run_is_flagged_within_100_steps(tiny_data, tmp_path):

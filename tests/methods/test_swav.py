@@ -172,6 +172,8 @@ def test_flags_become_kwargs_and_bad_flags_fail_early(tiny_data):
     base = [tiny_data, "-a", "regnety_tiny", "-b", "8"]
     for extra, match in ((["--method", "moco", "--fsdp", "--multiprocessing-distributed"], "not supported by"),
                          (["--method", "swav", "--fsdp"], "shards over processes"),
+                         (["--method", "swav", "--fsdp", "--multiprocessing-distributed", "--knn-every", "1"],
+                          "knn-every with --fsdp"),
                          (["--method", "swav", "--crops-for-assign", "0", "9"], "must index"),
                          (["--method", "swav", "--lr-per-256", "-1"], "lr-per-256")):
         with pytest.raises(ValueError, match=match):
