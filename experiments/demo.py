@@ -40,7 +40,9 @@ RECIPE = ["-a", "resnet18", "--no-small-input", "--image-size", "32", "--batch-a
           "--knn-every", "1", "--knn-bank-per-class", "1000", "--knn-val-per-class", "200"]
 # lr 0.01 / wd 1e-3 with the summed symmetric loss = lr 0.02 / wd 5e-4 with the mean of both directions
 # (the form the recipe was found with): the same SGD updates
-EPOCHS, LR = 5, 0.01
+# 3 epochs (585 steps): 10.0 min on the quiet 2-core CPU, kNN +4.92 over random init; 5 epochs: 16.0 min, +7.17
+# (README Demo)
+EPOCHS, LR = 3, 0.01
 
 
 def cifar10_root(cache: str) -> str:
