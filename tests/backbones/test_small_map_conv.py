@@ -59,6 +59,32 @@ def test_gradients_equal_native(cin, cout, k, s, p, d, bias, side):
     assert _output_pixels(fast32, x) == expect[0].shape[-2] * expect[0].shape[-1]
 
 
+@pytest.mark.parametrize("shape,channels_last", [((1, 6, 1, 2), False), ((2, 6, 2, 1), True), ((1, 6, 1, 1), True),
+                                                  ((3, 6, 2, 2), True)])
+def test_batch_one_rectangular_maps_and_channels_last(monkeypatch, shape, channels_last):
+    from smallssl.backbones import small_map_conv as smc
+
+    calls = []
+    real = smc._MatmulWeightGradConv.apply
+    monkeypatch.setattr(smc._MatmulWeightGradConv, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    ref = nn.Conv2d(6, 5, 3, padding=1).double()
+    fast = copy.deepcopy(ref).float()
+    use_matmul_weight_grad(fast)
+    x = torch.randn(shape, dtype=torch.float64)
+    gy = torch.randn_like(ref(x))
+    expect = _grads(ref, x, gy)
+    xf, gyf = x.float(), gy.float()
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        xf, gyf = (t.contiguous(memory_format=torch.channels_last) for t in (xf, gyf))
+    got = _grads(fast, xf, gyf)
+    for e, g in zip(expect, got):
+        assert g.shape == e.shape and torch.allclose(g.double(), e, rtol=1e-5, atol=1e-5), (g.double() - e).abs().max()
+    # 1x1 inputs take the centre-tap linear map (no autograd Function); the other small maps the matmul path
+    assert calls == ([] if shape[-2:] == (1, 1) else [1])
+
+
 def test_matmul_path_taken_only_where_documented(monkeypatch):
     calls = []
     from smallssl.backbones import small_map_conv as smc
