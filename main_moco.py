@@ -61,7 +61,7 @@ from smallssl.data.datasets import ViewLoader
 from smallssl.data.memdata import BatchViews, load_images
 from smallssl.diagnostics import CollapseMonitor
 from smallssl.errors import EXIT_PREEMPTED, run_cli
-from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
+from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap, gather_into
 from smallssl.heads import HEADS
 from smallssl.logging import RunLogger
 from smallssl.methods import METHODS
@@ -341,6 +341,7 @@ class Loop:
     logger: RunLogger | None = None  # per-print-step records (steps.jsonl) on rank 0
     monitor: CollapseMonitor | None = None  # collapse diagnostics of the embeddings the loss sees
     knn: OnlineKNN | None = None
+    knn_model: nn.Module | None = None  # --fsdp: an unsharded backbone the kNN gathers the weights into
     knn_every: int = 0  # steps between online kNN evaluations (0 = off)
     last_knn: dict | None = None
 
@@ -388,6 +389,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
                 print_freq=args.print_freq, progress=is_main and not args.no_progress, ckpt_dir=args.ckpt_dir,
                 logger=logger, monitor=CollapseMonitor(hint=method.collapse_hint),
                 knn=build_online_knn(args, device, is_main),
+                knn_model=build_knn_replica(args, device),
                 knn_every=max(1, round(args.knn_every * loader.num_batches)) if args.knn_every else 0)
     lrs = lr_schedule(lr, args.epochs, loader.num_batches, cos=args.cos, schedule=args.schedule,
                       warmup_epochs=args.warmup_epochs)
@@ -496,7 +498,9 @@ def observe(method: nn.Module, loop: Loop, out: dict, step: int, epoch: int, lr:
 
 def online_knn(method: nn.Module, loop: Loop, step: int, epoch: int) -> dict:
     """Run the online kNN on the query backbone now (collective); log it; remember it for the epoch record."""
-    res = {**loop.knn.evaluate(method.backbone), "knn_protocol": "dino", "knn_step": step}
+    # FSDP2: the backbone's parameters are shards, usable only inside the root's forward; evaluate a full replica
+    backbone = method.backbone if loop.knn_model is None else gather_into(method.backbone, loop.knn_model)
+    res = {**loop.knn.evaluate(backbone), "knn_protocol": "dino", "knn_step": step}
     if loop.logger is not None:
         loop.logger.log_step({"step": step, "epoch": epoch, **res})
     if loop.progress or (loop.logger is not None and loop.logger.enabled):
@@ -550,6 +554,15 @@ def build_online_knn(args: argparse.Namespace, device: torch.device, verbose: bo
     return OnlineKNN(args.knn_data or args.data, args.image_size, bank_per_class=args.knn_bank_per_class,
                      val_per_class=args.knn_val_per_class, k=args.knn_k, T=args.knn_t, device=device,
                      cache_dir=os.path.join(default_cache_dir(), "mem"), workers=min(args.workers, 4), verbose=verbose)
+
+
+def build_knn_replica(args: argparse.Namespace, device: torch.device) -> nn.Module | None:
+    """Under ``--fsdp`` with ``--knn-every``: an unsharded backbone for the online kNN (built under a forked RNG,
+    so that training draws the same random numbers as without it)."""
+    if not (args.fsdp and args.knn_every):
+        return None
+    with torch.random.fork_rng(devices=[]):
+        return create_backbone(args.arch, small_input=small_input(args)).to(device)
 
 
 def small_input(args: argparse.Namespace) -> bool:
@@ -749,10 +762,6 @@ def _validate_scale_args(args) -> None:
                          "checkpoint (python -m smallssl.convert) and resume a sharded run")
     if args.amp == "fp16":
         raise ValueError("--fsdp computes in bf16 (--amp bf16) or fp32 (--amp none), not fp16")
-    if args.knn_every:  # the backbone's shards would have to be gathered (or run through the FSDP root) first
-        raise ValueError("--knn-every with --fsdp is not supported: the online kNN calls the backbone outside the "
-                         "FSDP root's forward. Drop --knn-every and run python -m eval.knn on a consolidated "
-                         "checkpoint (python -m smallssl.convert dcp2consolidated CKPT_DIR/checkpoint_NNNN OUT.pth)")
 
 
 def _setup_fsdp(method: nn.Module, args) -> None:

@@ -8,6 +8,7 @@ checkpointing per group of blocks trades compute for memory. Here:
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (``param_dtype=None`` keeps fp32, e.g. for gloo
   backends without bf16 collectives).
 - :func:`enable_activation_checkpointing`: recompute each RegNet stage in the backward pass.
+- :func:`gather_into`: the full weights of a sharded submodule copied into a plain replica (the online kNN's model).
 
 Sharded (DCP) checkpoints of such runs live in :mod:`smallssl.checkpoints.sharded`.
 """
@@ -91,3 +92,23 @@ def enable_activation_checkpointing(model: nn.Module, enabled: bool = True) -> i
     for m in nets:
         m.activation_checkpointing = enabled
     return len(nets)
+
+
+def gather_into(sharded: nn.Module, replica: nn.Module) -> nn.Module:
+    """Copy the full state of ``sharded`` (a submodule of an FSDP2 model) into ``replica``, an unsharded module of
+    the same architecture, and return it. Collective: every rank calls it at the same point. Sharded parameters are
+    all-gathered (``DTensor.full_tensor``, in ``state_dict`` order, so every rank issues the same collectives);
+    buffers, which FSDP2 leaves per rank (BN running statistics), are rank 0's, so every rank evaluates one
+    network. Holds one full copy of ``sharded`` per rank: meant for a trunk that fits a device, not SEER-10B."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for k, v in sharded.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        elif dist.is_initialized() and dist.get_world_size() > 1 and torch.is_tensor(v):
+            v = v.detach().clone()
+            dist.broadcast(v, src=0)
+        state[k] = v
+    replica.load_state_dict(state)
+    return replica

@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
     from smallssl.backbones import create_backbone
     from smallssl.checkpoints.sharded import dcp_to_consolidated, dcp_to_sliced, load_sharded, save_sharded
     from smallssl.checkpoints.sliced import SlicedCheckpoint, consolidated_to_sliced
-    from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap
+    from smallssl.fsdp import enable_activation_checkpointing, fsdp_wrap, gather_into
     from smallssl.lars import LARS, lars_param_groups
 
     torch.set_num_threads(1)
@@ -62,6 +62,14 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
     res["fp32_params_moved"] = min((full[n] - p).abs().max().item() for n, p in
                                    create_backbone("regnety_tiny", small_input=True).named_parameters()
                                    if p.ndim > 1)
+    # gather_into (the online kNN's replica under --fsdp): the full parameters, and rank 0's BN statistics on every
+    # rank (each rank's own statistics differ: its own data)
+    rep = gather_into(sh, create_backbone("regnety_tiny", small_input=True))
+    rp = dict(rep.named_parameters())
+    res["gather_param_diff"] = max((rp[n] - p).abs().max().item() for n, p in ref.named_parameters())
+    rb = dict(rep.named_buffers())
+    res["gather_buffers"] = [rb[n].double().sum().item() for n, _ in ref.named_buffers()]
+    res["ref_buffers"] = [b.double().sum().item() for _, b in ref.named_buffers()]
 
     # B. bf16 compute / fp32 reduce + activation checkpointing; sharded save -> load -> identical next steps
     def fresh(seed):
@@ -145,6 +153,12 @@ def test_fsdp_fp32_equals_unsharded_with_lars(fsdp_run):
     for r in fsdp_run[:2]:
         assert r["fp32_params_moved"] > 0  # not trivially equal
         assert r["fp32_max_param_diff"] < 1e-5
+        assert r["gather_param_diff"] < 1e-5  # the replica holds the full (trained) parameters
+        # rank 0's BN statistics on every rank (the sharded forward's own rounding: equal to the plain model's
+        # within float32 error)
+        assert r["gather_buffers"] == fsdp_run[0]["gather_buffers"]
+        assert r["gather_buffers"] == pytest.approx(fsdp_run[0]["ref_buffers"], rel=1e-6, abs=1e-7)
+    assert fsdp_run[1]["gather_buffers"] != pytest.approx(fsdp_run[1]["ref_buffers"], rel=1e-6, abs=1e-7)
 
 
 def test_fsdp_bf16_sharded_resume_is_exact(fsdp_run):

@@ -172,8 +172,6 @@ def test_flags_become_kwargs_and_bad_flags_fail_early(tiny_data):
     base = [tiny_data, "-a", "regnety_tiny", "-b", "8"]
     for extra, match in ((["--method", "moco", "--fsdp", "--multiprocessing-distributed"], "not supported by"),
                          (["--method", "swav", "--fsdp"], "shards over processes"),
-                         (["--method", "swav", "--fsdp", "--multiprocessing-distributed", "--knn-every", "1"],
-                          "knn-every with --fsdp"),
                          (["--method", "swav", "--crops-for-assign", "0", "9"], "must index"),
                          (["--method", "swav", "--lr-per-256", "-1"], "lr-per-256")):
         with pytest.raises(ValueError, match=match):
@@ -220,9 +218,13 @@ def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8, size=16)
-    # 2 epochs uninterrupted; prototypes frozen for 3 of the 4 steps, so the epoch-1 checkpoint is saved while
-    # they have no optimizer state yet (the resumed optimizer must still find every key)
-    _train(data, tmp_path / "a")
+    knn = tmp_path / "knn"
+    make_image_folder(knn / "train", classes=2, per_class=6, size=16)
+    make_image_folder(knn / "val", classes=2, per_class=3, size=16)
+    # 2 epochs uninterrupted, with the online kNN on the gathered backbone; prototypes frozen for 3 of the 4 steps,
+    # so the epoch-1 checkpoint is saved while they have no optimizer state yet (the resumed optimizer must still
+    # find every key)
+    _train(data, tmp_path / "a", "--knn-every", "1", "--knn-data", knn)
     r = _train(data, tmp_path / "b", "--resume", tmp_path / "a" / "checkpoint_0001")  # epoch 2 from the shards
     assert "resumed" in r.stdout and "at epoch 1, iteration 0 (step 2)" in r.stdout
     la = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
@@ -246,6 +248,14 @@ def test_fsdp_two_processes_sharded_resume_is_exact(tmp_path):
     teacher = build_teacher(None, str(tmp_path / "a.pth"), verbose=False)
     assert teacher.head[3].out_features == 16
     torch.testing.assert_close(teacher.backbone.stem.conv.weight, sa["encoder_q.backbone.stem.conv.weight"])
+    # the online kNN under FSDP (run a only; run b, resumed without it, still ends identical above): at step 0 and
+    # after each epoch, and the last one is the kNN of the consolidated checkpoint's backbone in one process
+    from eval.online import OnlineKNN
+
+    knn_rows = [x for x in map(json.loads, open(tmp_path / "a" / "steps.jsonl")) if "knn_top1" in x]
+    assert [x["knn_step"] for x in knn_rows] == [0, 2, 4] and all(x["knn_bank"] == 12 for x in knn_rows)
+    ref = OnlineKNN(str(knn), 16, verbose=False, workers=0).evaluate(teacher.backbone)
+    assert (ref["knn_top1"], ref["knn_top5"]) == (knn_rows[-1]["knn_top1"], knn_rows[-1]["knn_top5"])
 
 
 # --------------------------------------------------------------------- checkpoints as teacher / for eval
