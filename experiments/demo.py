@@ -5,7 +5,8 @@
 
 Data: ``../shared/data/cifar10.tar.gz`` (or ``$SMALLSSL_DATA/cifar10.tar.gz``) unpacked to ``$SMALLSSL_CACHE``
 (default ``~/.cache/smallssl``); nothing is downloaded. The run shows its own online kNN curve
-(``CKPT_DIR/curves.png``: kNN on 1000 train / 200 val images per class after every epoch, ~3% of the time).
+(``CKPT_DIR/curves.png``: kNN on 1000 train / 200 val images per class before training and after every epoch,
+4.3 s against a 180 s epoch on a quiet 2-core CPU).
 kNN: DINO protocol (cosine, k=20, T=0.07), bank = train split,
 queries = val split, BN in eval mode, one network for bank and queries.
 """
