@@ -403,7 +403,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
 
     status = {"status": "finished", "epoch": start_epoch, "checkpoint": None}
     # before the first step of a fresh run (or a --restart): the reference of the weights training starts from
-    if loop.knn is not None and (not resumed or mode == "restart") and step == 0 and start_epoch < args.epochs:
+    if loop.knn is not None and (not resumed or mode == "restart") and start_epoch < args.epochs:  # both at step 0
         online_knn(method, loop, 0, start_epoch)  # on the same protocol and images as the later ones
         loop.last_knn = None  # not an epoch's figure
     for epoch in range(start_epoch, args.epochs):
@@ -562,7 +562,7 @@ def build_knn_replica(args: argparse.Namespace, device: torch.device) -> nn.Modu
     if not (args.fsdp and args.knn_every):
         return None
     with torch.random.fork_rng(devices=[]):
-        return create_backbone(args.arch, small_input=small_input(args)).to(device)
+        return build_backbone(args).to(device)
 
 
 def small_input(args: argparse.Namespace) -> bool:
